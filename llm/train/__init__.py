@@ -1,0 +1,1 @@
+"""Training: the Trainer subclass, metrics, callbacks, checkpoints and the fine-tuning workflow."""

@@ -1,0 +1,47 @@
+"""Checkpoint discovery that never resumes from a half-written ``checkpoint-N`` directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger(__name__)
+
+
+def mark_complete(path: str, step: int) -> None:
+    """Write the completion marker atomically (temp file + rename)."""
+    tmp = os.path.join(path, COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"global_step": step}, f)
+    os.replace(tmp, os.path.join(path, COMPLETE_MARKER))
+
+
+def is_complete(path: str) -> bool:
+    """True when ``path`` holds the completion marker."""
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """All ``checkpoint-N`` sub-directories as (N, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_last_checkpoint(output_dir: str) -> str | None:
+    """Newest complete checkpoint in ``output_dir``; incomplete ones are skipped with a warning."""
+    for _step, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+        logger.warning("skipping incomplete checkpoint %s (no %s)", path, COMPLETE_MARKER)
+    return None
