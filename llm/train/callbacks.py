@@ -8,7 +8,7 @@ from typing import Any
 
 from paddlenlp.trainer import TrainerCallback
 
-from .checkpoint import mark_complete
+from .checkpoint import mark_complete, rotate_checkpoints
 
 LOG_NAME = "training_log.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -25,19 +25,39 @@ class MetricsLogCallback(TrainerCallback):
         with open(os.path.join(args.output_dir, LOG_NAME), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Drop records past the starting step: a resumed (or restarted) run re-logs those steps."""
+        path = os.path.join(args.output_dir, LOG_NAME)
+        if not state.is_world_process_zero or not os.path.isfile(path):
+            return
+        kept = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # e.g. a line cut short by the crash we are resuming from
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= state.global_step:
+                    kept.append(json.dumps(record) + "\n")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             plot_loss(state.log_history, os.path.join(args.output_dir, PLOT_NAME))
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Mark ``checkpoint-N`` complete once the Trainer has finished writing it (resume only trusts marked ones)."""
+    """Mark ``checkpoint-N`` complete once the Trainer has finished writing it (resume only trusts marked ones),
+    then apply ``save_total_limit`` (see :func:`rotate_checkpoints`; :class:`CausalLMTrainer` leaves it to us).
+    """
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(path):
                 mark_complete(path, state.global_step)
+                rotate_checkpoints(args.output_dir, args.save_total_limit, path, state.best_model_checkpoint)
 
 
 def _is_number(value: Any) -> bool:

@@ -33,7 +33,7 @@ from llm.templates import resolve_chat_template
 from llm.tokenizer import load_tokenizer
 
 from .callbacks import CheckpointMarkerCallback, MetricsLogCallback
-from .checkpoint import find_last_checkpoint, mark_complete
+from .checkpoint import clear_marker, find_last_checkpoint, mark_complete
 from .metrics import make_generation_metrics, token_accuracy
 from .trainer import CausalLMTrainer, ListDataset
 
@@ -76,7 +76,17 @@ def _load_features(
 
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
-    """Run fine-tuning from a JSON file and/or CLI flags; returns the final metrics."""
+    """Run fine-tuning from a JSON file and/or CLI flags; returns the final metrics.
+
+    Model, optimizer and Trainer are built inside a fresh ``paddle.utils.unique_name`` scope: optimizer
+    state is keyed by generated parameter names, so a second run in the same process (or a resume after
+    another run) would otherwise get ``..._moment1_1`` names that do not match the checkpoint.
+    """
+    with paddle.utils.unique_name.guard():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> dict[str, float]:
     gen_args, quant_args, model_args, data_args, training_args = parse_arguments(ARGUMENT_TYPES, argv)
     check_static(model_args, data_args, quant_args, training_args)
     check_runtime(model_args, data_args, quant_args, training_args)
@@ -151,6 +161,8 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if training_args.do_train:
+        if training_args.should_save:
+            clear_marker(training_args.output_dir)  # the final model is about to be rewritten
         train_result = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
         if neftune is not None:
             neftune.remove()

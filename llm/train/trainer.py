@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
 import paddle
 from paddle.io import Dataset
 from paddlenlp.trainer import Trainer
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llm.model import forward_loss
+from llm.model import family_of, forward_loss
 
+from .checkpoint import clear_marker
 from .metrics import IGNORE_INDEX
 
 
@@ -60,9 +63,29 @@ class CausalLMTrainer(Trainer):
         self.do_generation = do_generation
         self.gen_kwargs = gen_kwargs or {}
 
+    def _save_checkpoint(self, model: paddle.nn.Layer, metrics: dict | None = None) -> None:
+        # Re-saving a step that already has a checkpoint (resume from an older one): its old marker must not
+        # vouch for half-rewritten files. CheckpointMarkerCallback.on_save writes the new marker.
+        if self.args.should_save:
+            clear_marker(
+                os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            )
+        super()._save_checkpoint(model, metrics=metrics)
+
+    def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
+        """Disabled: paddlenlp rotates by mtime before the completion marker exists, and only when
+        ``local_rank == 0`` (never in a single-process run). ``CheckpointMarkerCallback`` rotates instead."""
+
     def compute_loss(self, model: paddle.nn.Layer, inputs: dict, return_outputs: bool = False) -> Any:
         if return_outputs:
             return model_loss(model, inputs)
+        if isinstance(model, paddle.DataParallel):
+            # llm.model's family lookup does not see through the DP wrapper, but the forward must go through
+            # it (gradient all-reduce): check on the inner model, run the wrapper.
+            mask = inputs.get("attention_mask")
+            if mask is not None and len(mask.shape) == 4:
+                family_of(model._layers).check("zero_padding")
+            return model_loss(model, inputs)[0]
         return forward_loss(model, inputs)  # family checks (e.g. zero-padding support) + one loss contract
 
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
@@ -103,7 +126,8 @@ class CausalLMTrainer(Trainer):
                 **kwargs,
             )[0]
         preds = generated.numpy()
-        stop = set(kwargs.get("eos_token_id") or [])
+        eos = kwargs.get("eos_token_id")
+        stop = set(eos) if isinstance(eos, list | tuple | set) else {eos} if eos is not None else set()
         pad = np.full_like(preds, IGNORE_INDEX)
         for i, row in enumerate(preds):  # cut at the first stop id so padding does not count
             for j, tok in enumerate(row):
