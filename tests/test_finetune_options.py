@@ -4,7 +4,6 @@ NEFTune, chat template selection, LoRA continuation and prediction; plus the met
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -115,13 +114,17 @@ def test_eval_with_do_generation(llama: Path, tmp_path: Path) -> None:
         (data / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     extra = ("--chat_template", "none", "--eval_with_do_generation", "true", "--do_eval")
-    metrics = run(_argv(llama, out, *extra, steps=20, data=data))
+    metrics = run(_argv(llama, out, *extra, "--save_generation_output", "true", steps=20, data=data))
     _assert_outputs(out, metrics, 20)
     assert set(GENERATION_METRICS) <= set(metrics)
     assert "eval_accuracy" not in metrics
     assert all(0.0 <= metrics[k] <= 1.0 for k in GENERATION_METRICS)
     assert metrics["eval_exact_match"] >= 0.5 and metrics["eval_rouge1"] >= 0.8 and metrics["eval_bleu4"] > 0
     assert set(GENERATION_METRICS) <= set(json.loads((out / "eval_results.json").read_text()))
+    rows = [json.loads(line) for line in (out / "generated_output.json").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["tgt"] == "seven hundred seventy seven" for r in rows)
+    exact = sum(r["output"] == r["tgt"] for r in rows) / len(rows)
+    assert exact == pytest.approx(metrics["eval_exact_match"])
 
 
 def test_generation_eval_is_turned_off_by_a_chat_template(
@@ -130,8 +133,13 @@ def test_generation_eval_is_turned_off_by_a_chat_template(
     # the demo tokenizer ships a chat template: like PaddleNLP, generation eval is switched off
     argv = [*_argv(llama, tmp_path / "out", "--eval_with_do_generation", "true", "--do_eval")]
     argv[argv.index("--do_train")] = "--do_train=false"
-    with caplog.at_level(logging.WARNING):
+    from paddlenlp.utils.log import logger as paddlenlp_logger  # the workflow logs through paddlenlp's logger
+
+    paddlenlp_logger.logger.addHandler(caplog.handler)
+    try:
         metrics = run(argv)
+    finally:
+        paddlenlp_logger.logger.removeHandler(caplog.handler)
     assert "eval_with_do_generation is turned off because a chat template is active" in caplog.text
     assert "eval_accuracy" in metrics and "eval_loss" in metrics
     assert not set(GENERATION_METRICS) & set(metrics)

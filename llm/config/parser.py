@@ -381,8 +381,9 @@ def parse_arguments(dataclass_types: Sequence[type] | type, argv: Sequence[str] 
     for key, spelled, value in _cli_pairs(argv, index):
         raw.append((key, spelled, value, COMMAND_LINE))
 
+    latest = {key: (key, spelled, value, source) for key, spelled, value, source in raw}  # CLI overrides JSON
     kwargs: list[dict[str, Any]] = [{} for _ in dataclass_types]
-    for key, spelled, value, source in raw:  # later entries (CLI) override earlier ones (JSON)
+    for key, spelled, value, source in latest.values():
         from_cli = source == COMMAND_LINE
         for target in index[key]:
             try:

@@ -391,10 +391,14 @@ def get_family(name: str) -> FamilySpec:
 
 
 def unwrap_model(obj: Any) -> Any:
-    """Strip ``LoRAModel`` / ``PrefixModelForCausalLM`` wrappers and return the underlying model."""
-    while isinstance(obj, LoRAModel | PrefixModelForCausalLM):
-        obj = obj.model
-    return obj
+    """Strip ``DataParallel`` / ``LoRAModel`` / ``PrefixModelForCausalLM`` wrappers; return the inner model."""
+    while True:
+        if isinstance(obj, paddle.DataParallel):
+            obj = obj._layers
+        elif isinstance(obj, LoRAModel | PrefixModelForCausalLM):
+            obj = obj.model
+        else:
+            return obj
 
 
 def family_of(model_or_config: Any) -> FamilySpec:

@@ -8,12 +8,12 @@ automatic resume -> save -> metrics JSON + loss curve -> eval / predict.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
 import paddle
 from paddlenlp.trainer import set_seed
+from paddlenlp.utils.log import logger
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.config import (
@@ -37,16 +37,15 @@ from .checkpoint import clear_marker, find_last_checkpoint, mark_complete
 from .metrics import make_generation_metrics, token_accuracy
 from .trainer import CausalLMTrainer, ListDataset
 
-logger = logging.getLogger("llm.finetune")
 ARGUMENT_TYPES = (GenerateArgument, QuantArgument, ModelArgument, DataArgument, FinetuneArguments)
 
 
 def _print_arguments(groups: tuple) -> None:
     for group in groups:
-        logger.info("%s %s %s", "=" * 20, type(group).__name__, "=" * 20)
+        logger.info(f"{'=' * 20} {type(group).__name__} {'=' * 20}")
         for key, value in sorted(vars(group).items()):
             if not key.startswith("_"):
-                logger.info("%s: %s", key, value)
+                logger.info(f"{key}: {value}")
 
 
 def _resume_checkpoint(training_args: FinetuneArguments) -> str | None:
@@ -56,7 +55,7 @@ def _resume_checkpoint(training_args: FinetuneArguments) -> str | None:
         return None
     last = find_last_checkpoint(training_args.output_dir)
     if last:
-        logger.info("resuming from the newest complete checkpoint: %s", last)
+        logger.info(f"resuming from the newest complete checkpoint: {last}")
     return last
 
 
@@ -90,16 +89,15 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     gen_args, quant_args, model_args, data_args, training_args = parse_arguments(ARGUMENT_TYPES, argv)
     check_static(model_args, data_args, quant_args, training_args)
     check_runtime(model_args, data_args, quant_args, training_args)
-    if quant_args.do_ptq or quant_args.do_gptq or quant_args.do_qat:
+    if quant_args.do_ptq or quant_args.do_gptq or quant_args.do_qat or model_args.weight_quantize_algo:
         raise ConfigError(
-            "do_ptq / do_gptq / do_qat are not part of this release yet: only SFT, LoRA and Prefix"
+            "quantization (do_ptq / do_gptq / do_qat / weight_quantize_algo) is not part of this release "
+            "yet: only SFT, LoRA and Prefix tuning"
         )
     _print_arguments((model_args, data_args, quant_args, gen_args))
     logger.info(
-        "rank %s, device %s, world_size %s",
-        training_args.process_index,
-        training_args.device,
-        training_args.world_size,
+        f"rank {training_args.process_index}, device {training_args.device}, "
+        f"world_size {training_args.world_size}"
     )
     set_seed(training_args.seed)
 
@@ -178,6 +176,8 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+        if do_generation and data_args.save_generation_output and training_args.should_save:
+            _save_generation_output(trainer, eval_ds, tokenizer, training_args.output_dir)
     if training_args.do_predict and test_ds is not None:
         metrics = trainer.evaluate(eval_dataset=ListDataset(test_ds), metric_key_prefix="test")
         trainer.log_metrics("test", metrics)
@@ -187,6 +187,22 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         with open(os.path.join(training_args.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2, sort_keys=True)
     return results
+
+
+def _save_generation_output(
+    trainer: CausalLMTrainer, features: list[dict], tokenizer: Any, out_dir: str
+) -> str:
+    """Generate for the eval set and write ``generated_output.json`` lines ``{"output", "tgt"}``."""
+    prediction = trainer.predict(ListDataset(features))
+    path = os.path.join(out_dir, "generated_output.json")
+    with open(path, "w", encoding="utf-8") as f:
+        for output, target in zip(prediction.predictions, prediction.label_ids):
+            row = {
+                "output": tokenizer.decode([int(i) for i in output if i >= 0]),
+                "tgt": tokenizer.decode([int(i) for i in target if i >= 0]),
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 def _model_dtype(training_args: FinetuneArguments) -> str:

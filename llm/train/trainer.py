@@ -12,7 +12,7 @@ from paddle.io import Dataset
 from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llm.model import family_of, forward_loss
+from llm.model import forward_loss
 
 from .checkpoint import clear_marker
 from .metrics import IGNORE_INDEX
@@ -79,14 +79,9 @@ class CausalLMTrainer(Trainer):
     def compute_loss(self, model: paddle.nn.Layer, inputs: dict, return_outputs: bool = False) -> Any:
         if return_outputs:
             return model_loss(model, inputs)
-        if isinstance(model, paddle.DataParallel):
-            # llm.model's family lookup does not see through the DP wrapper, but the forward must go through
-            # it (gradient all-reduce): check on the inner model, run the wrapper.
-            mask = inputs.get("attention_mask")
-            if mask is not None and len(mask.shape) == 4:
-                family_of(model._layers).check("zero_padding")
-            return model_loss(model, inputs)[0]
-        return forward_loss(model, inputs)  # family checks (e.g. zero-padding support) + one loss contract
+        # family checks (e.g. zero-padding support) see through DataParallel; the forward runs through the
+        # wrapper so gradients are all-reduced
+        return forward_loss(model, inputs)
 
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         for key in ("loss", "eval_loss", "test_loss"):
