@@ -74,6 +74,14 @@ def test_json_then_cli_overrides(tmp_path: Path) -> None:
     assert train.decay_steps == 0
 
 
+def test_cli_value_replaces_a_bad_json_value(tmp_path: Path) -> None:
+    cfg = write_json(tmp_path / "c.json", {"output_dir": str(tmp_path / "o"), "learning_rate": "fast"})
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse([cfg])
+    train = parse([cfg, "--learning_rate", "1e-3"])[-1]
+    assert train.learning_rate == pytest.approx(1e-3)
+
+
 def test_cli_only_and_bool_forms() -> None:
     _, _, model, data, train = ft(
         "--lora", "--zero_padding", "false", "--do_train=yes", "--do_eval", "0", "--max_steps", "-1"
