@@ -512,3 +512,11 @@ def test_subprocess_exit_code_and_one_line_stderr(tmp_path: Path) -> None:
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error_lines == [f"error: unknown argument 'lora_rnak' in {cfg} (did you mean 'lora_rank'?)"]
     assert "Traceback" not in proc.stderr
+
+
+def test_zero_padding_model_types_match_the_family_table() -> None:
+    from llm.model import FAMILIES
+
+    assert {
+        name for name, spec in FAMILIES.items() if spec.supports["zero_padding"]
+    } == ZERO_PADDING_MODEL_TYPES

@@ -22,7 +22,10 @@ from llm.errors import ConfigError, DataError, ModelError
 logger = logging.getLogger(__name__)
 
 #: Model types whose example converter supports zero padding (packed sequences).
-ZERO_PADDING_MODEL_TYPES = frozenset({"llama", "bloom", "chatglm", "chatglm_v2", "qwen", "mixtral"})
+# kept import-light (no paddle); tests assert it equals the families whose FamilySpec supports zero_padding
+ZERO_PADDING_MODEL_TYPES = frozenset(
+    {"llama", "qwen", "chatglm", "chatglm_v2", "bloom", "gpt", "mixtral", "glm"}
+)
 #: Allowed ``ModelArgument.weight_quantize_algo`` values (None = no base-weight quantization).
 WEIGHT_QUANTIZE_ALGOS = ("nf4", "fp4", "weight_only_int8", "weight_only_int4")
 #: Allowed ``QuantArgument.quant_type`` values (compared case-insensitively).
