@@ -6,8 +6,13 @@ tokenizer loading:
 * **HF layout** (``tokenizer.json`` present): the ``tokenizers`` library does the tokenization; special tokens,
   ``add_bos_token``/``add_eos_token`` and the jinja ``chat_template`` come from ``tokenizer_config.json``
   (falling back to ``special_tokens_map.json``).
-* **paddlenlp layout** (sentencepiece / vocab files, ``chat_template.json``): wraps
-  ``paddlenlp.transformers.AutoTokenizer.from_pretrained`` behind the same interface.
+* **paddlenlp layout** (``tokenizer_config.json`` names a paddlenlp class whose vocab files are present, or
+  no other format matches): wraps ``paddlenlp.transformers.AutoTokenizer.from_pretrained``.
+* **HF files without tokenizer.json** (see :mod:`llm.tokenizer_backends`): ``tokenizer.model`` (sentencepiece,
+  ``LlamaTokenizer`` rules: BOS added by default) and ``vocab.json`` + ``merges.txt`` (GPT-2 byte-level BPE).
+
+Detection order: ``tokenizer.json``, fitting paddlenlp class, ``tokenizer.model``, ``vocab.json``+``merges.txt``,
+any other paddlenlp files.
 
 Extra stop ids come from ``generation_config.json`` (``eos_token_id`` may be an int or a list there).
 """
@@ -22,6 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.errors import ModelError
+from llm.tokenizer_backends import (
+    HFBackend,
+    PaddleBackend,
+    SentencePieceBackend,
+    build_bpe_from_vocab_merges,
+    paddlenlp_class_fits,
+)
 
 if TYPE_CHECKING:
     from llm.templates import ChatTemplate
@@ -32,6 +44,7 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.json"
 CHAT_TEMPLATE_JINJA_FILE = "chat_template.jinja"
+SP_MODEL_FILE = "tokenizer.model"
 # Files that define a tokenizer (hashed for the dataset cache key); never model weights.
 _META_FILES = (
     HF_TOKENIZER_FILE,
@@ -73,68 +86,6 @@ def _as_id_list(value: Any) -> list[int]:
     return []
 
 
-class _HFBackend:
-    """``tokenizers.Tokenizer`` adapter."""
-
-    kind = "hf"
-
-    def __init__(self, tk: Any):
-        self.tk = tk
-        self.added_special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tk.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str | None:
-        return self.tk.id_to_token(idx)
-
-    def __len__(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
-
-class _PaddleBackend:
-    """``paddlenlp`` ``PretrainedTokenizer`` adapter."""
-
-    kind = "paddlenlp"
-
-    def __init__(self, tk: Any):
-        self.tk = tk
-        self.added_special = set(getattr(tk, "all_special_ids", []) or [])
-        self._vocab: dict[str, int] | None = None
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        out = self.tk(
-            text,
-            add_special_tokens=add_special_tokens,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        return list(out["input_ids"])
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        if self._vocab is None:
-            self._vocab = dict(self.tk.get_vocab())
-        return self._vocab.get(token)
-
-    def id_to_token(self, idx: int) -> str | None:
-        try:
-            return self.tk.convert_ids_to_tokens(idx)
-        except Exception:  # noqa: BLE001 - out-of-range ids
-            return None
-
-    def __len__(self) -> int:
-        return len(self.tk)
-
-
 class Tokenizer:
     """Uniform tokenizer used by training, prediction and serving.
 
@@ -144,7 +95,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: _HFBackend | _PaddleBackend,
+        backend: HFBackend | PaddleBackend | SentencePieceBackend,
         name_or_path: str,
         *,
         bos_token: str | None,
@@ -221,7 +172,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` BOS/EOS are added as the config says."""
-        if self._backend.kind == "hf" and add_special_tokens and self._manual_specials:
+        if self._backend.kind != "paddlenlp" and add_special_tokens and self._manual_specials:
             ids = self._backend.encode(text, False)
             if self.add_bos_token and self.bos_token_id is not None:
                 ids = [self.bos_token_id] + ids
@@ -296,6 +247,9 @@ class Tokenizer:
         if self._backend.kind == "hf":
             self._backend.tk.save(os.path.join(save_dir, HF_TOKENIZER_FILE))
             config = dict(self._config)
+        elif self._backend.kind == "sentencepiece":
+            self._backend.save_files(save_dir)
+            config = {**self._config, **self._backend.config_updates()}
         else:
             inner = self._backend.tk
             saved, inner.chat_template = getattr(inner, "chat_template", None), None
@@ -369,7 +323,23 @@ def _load_hf(directory: str, name_or_path: str) -> Tokenizer:
         tk = HFTokenizer.from_file(path)
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ModelError(f"{path}: not a valid tokenizers JSON file ({err})") from None
-    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
+    return _wrap(HFBackend(tk), directory, name_or_path, defaults=None)
+
+
+def _wrap(
+    backend: HFBackend | SentencePieceBackend,
+    directory: str,
+    name_or_path: str,
+    defaults: tuple[bool, bool] | None,
+    config: dict[str, Any] | None = None,
+) -> Tokenizer:
+    """A :class:`Tokenizer` over ``backend`` with specials/flags from the directory's config files.
+
+    ``defaults`` are the ``(add_bos_token, add_eos_token)`` values used when the config does not set them;
+    None lets a ``tokenizer.json`` post-processor decide.
+    """
+    if config is None:
+        config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
     stm = _read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE))
     gen = _read_json(os.path.join(directory, GENERATION_CONFIG_FILE))
 
@@ -381,7 +351,6 @@ def _load_hf(directory: str, name_or_path: str) -> Tokenizer:
         return value if isinstance(value, bool) else None
 
     add_bos, add_eos = flag("add_bos_token"), flag("add_eos_token")
-    backend = _HFBackend(tk)
     tok = Tokenizer(
         backend,
         name_or_path,
@@ -393,15 +362,42 @@ def _load_hf(directory: str, name_or_path: str) -> Tokenizer:
         config=config,
         files=_tokenizer_files(directory),
     )
-    if add_bos is not None or add_eos is not None:
+    if defaults is not None:
+        tok.add_bos_token = defaults[0] if add_bos is None else add_bos
+        tok.add_eos_token = defaults[1] if add_eos is None else add_eos
+    elif add_bos is not None or add_eos is not None:
         # The unset flag keeps what the post-processor does, so a lone add_eos_token keeps its BOS.
-        prefix, suffix = _post_processor_specials(backend)
+        prefix, suffix = _post_processor_specials(backend)  # type: ignore[arg-type]
         tok.add_bos_token = add_bos if add_bos is not None else tok.bos_token_id in prefix
         tok.add_eos_token = add_eos if add_eos is not None else tok.eos_token_id in suffix
     return tok
 
 
-def _post_processor_specials(backend: _HFBackend) -> tuple[list[int], list[int]]:
+def _merged_config(directory: str) -> dict[str, Any]:
+    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
+    for key, value in _read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE)).items():
+        config.setdefault(key, value)
+    return config
+
+
+def _load_vocab_merges(directory: str, name_or_path: str) -> Tokenizer:
+    """GPT-2 style ``vocab.json`` + ``merges.txt`` (no BOS/EOS added unless the config says so)."""
+    config = _merged_config(directory)
+    tk = build_bpe_from_vocab_merges(directory, config)
+    return _wrap(HFBackend(tk), directory, name_or_path, defaults=(False, False), config=config)
+
+
+def _load_sentencepiece(directory: str, name_or_path: str) -> Tokenizer:
+    """HF ``LlamaTokenizer`` layout: ``tokenizer.model`` (BOS added by default, no EOS)."""
+    config = _merged_config(directory)
+    backend = SentencePieceBackend(os.path.join(directory, SP_MODEL_FILE), config)
+    for name, idx in (("bos_token", backend.sp.bos_id()), ("eos_token", backend.sp.eos_id())):
+        if name not in config and idx >= 0:  # a bare tokenizer.model: take the model's own markers
+            config[name] = backend.sp.id_to_piece(idx)
+    return _wrap(backend, directory, name_or_path, defaults=(True, False), config=config)
+
+
+def _post_processor_specials(backend: HFBackend) -> tuple[list[int], list[int]]:
     """Ids the post-processor adds before and after a sequence."""
     probe = "a"
     body = backend.encode(probe, False)
@@ -428,7 +424,7 @@ def _load_paddlenlp(directory: str, name_or_path: str) -> Tokenizer:
     if isinstance(eos_id, int) and eos_id not in extra:
         extra.insert(0, eos_id)
     return Tokenizer(
-        _PaddleBackend(inner),
+        PaddleBackend(inner),
         name_or_path,
         bos_token=getattr(inner, "bos_token", None),
         eos_token=getattr(inner, "eos_token", None),
@@ -450,11 +446,16 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Tokenizer:
     from llm.templates import load_template_from_dir, resolve_chat_template
 
     directory = _resolve_dir(path)
-    if os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
+    has = lambda name: os.path.isfile(os.path.join(directory, name))  # noqa: E731
+    if has(HF_TOKENIZER_FILE):
         tok = _load_hf(directory, path)
-    elif os.path.isfile(os.path.join(directory, TOKENIZER_CONFIG_FILE)) or any(
-        glob.glob(os.path.join(directory, p)) for p in _VOCAB_PATTERNS
-    ):
+    elif paddlenlp_class_fits(directory):
+        tok = _load_paddlenlp(directory, path)
+    elif has(SP_MODEL_FILE):
+        tok = _load_sentencepiece(directory, path)
+    elif has("vocab.json") and has("merges.txt"):
+        tok = _load_vocab_merges(directory, path)
+    elif has(TOKENIZER_CONFIG_FILE) or any(glob.glob(os.path.join(directory, p)) for p in _VOCAB_PATTERNS):
         tok = _load_paddlenlp(directory, path)
     else:
         raise ModelError(

@@ -1,0 +1,57 @@
+"""Dynamic-graph runners: per-family fast kernels and the generic paddlenlp-forward path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paddlenlp.peft import PrefixModelForCausalLM
+
+from llm.errors import ConfigError, ModelError
+from llm.infer.decoders.base import StepKernel
+from llm.infer.decoders.chatglm import ChatGLMKernel
+from llm.infer.decoders.classic import CLASSIC_FAMILIES, ClassicKernel
+from llm.infer.decoders.generic import GenericRunner
+from llm.infer.decoders.rotary import ROTARY_FAMILIES, RotaryKernel
+from llm.infer.decoders.runner import KernelRunner, kernel_step_fn
+
+BACKENDS = ("auto", "fast", "generic")
+FAST_FAMILIES = ROTARY_FAMILIES + CLASSIC_FAMILIES + ("chatglm",)
+
+
+def build_kernel(model: Any) -> StepKernel:
+    """The family's fast step kernel for ``model`` (:class:`ModelError` when there is none)."""
+    from llm.model import family_of
+
+    family = family_of(model).name
+    if family in ROTARY_FAMILIES:
+        return RotaryKernel(model)
+    if family in CLASSIC_FAMILIES:
+        return ClassicKernel(model)
+    if family == "chatglm":
+        return ChatGLMKernel(model)
+    raise ModelError(f"no fast kernel for model family '{family}' (fast kernels: {', '.join(FAST_FAMILIES)})")
+
+
+def make_runner(model: Any, *, backend: str = "auto", max_seq_len: int | None = None, dtype: str = "float32"):
+    """Pick the runner for ``model``: see :func:`llm.infer.create_engine`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"unsupported dtype {dtype!r}")
+    if backend != "generic":
+        try:
+            kernel = build_kernel(model)
+        except ModelError:
+            if backend == "fast":
+                raise
+        else:
+            kernel.eval()
+            prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
+            return KernelRunner(
+                kernel_step_fn(kernel),
+                kernel.describe(),
+                prefix=prefix,
+                max_seq_len=max_seq_len,
+                dtype=kernel.dtype_name,
+            )
+    return GenericRunner(model, max_seq_len=max_seq_len)

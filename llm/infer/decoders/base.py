@@ -1,0 +1,273 @@
+"""Shared pieces of the fast path: the step-kernel contract, attention over a preallocated cache, the runner.
+
+A *kernel* is an ``nn.Layer`` computing one model step in plain paddle ops from the model's own parameter
+tensors (fused where that saves ops). Its ``forward`` is the same for prefill and decode, and is what
+:mod:`llm.infer.static` exports::
+
+    forward(input_ids [b,s], positions [b,s], new_bias [b,1,s,s], past_bias [b,1,1,T], past_keypos [b,T],
+            caches=[k_0, v_0, ..., k_{L-1}, v_{L-1}])   # past cache, each [b, kv_heads, T, head_dim]
+        -> [logits [b, vocab] of the last position, k_new_0, v_new_0, ...]   # new entries [b, kv_heads, s, d]
+
+Biases are additive (0 or ``NEG``). Attention is split into a *past* part (the cache buffer, read in
+place, no concat) and a *new* part (the step's own keys), joined only at the softmax, so the runner can
+keep one preallocated buffer per layer and write the returned entries into it in place. In dygraph the
+kernels are called with ``inplace_col >= 0`` instead: they write the new entries into the buffers
+themselves and attend over the buffer (fewer ops per step; see :class:`StepState`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+NEG = -1e9
+
+
+def rms(x: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """RMS normalisation without the weight (kernels fold the weight into the next matmul)."""
+    return x * paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """paddlenlp's RMSNorm (same op order)."""
+    return paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps) * x * weight
+
+
+def norm(
+    x: paddle.Tensor, weight: paddle.Tensor | None, bias: paddle.Tensor | None, eps: float
+) -> paddle.Tensor:
+    """LayerNorm when ``bias`` is given, else RMSNorm (weightless when ``weight`` is None)."""
+    if bias is not None:
+        return F.layer_norm(x, x.shape[-1:], weight=weight, bias=bias, epsilon=eps)
+    return rms(x, eps) if weight is None else rms_norm(x, weight, eps)
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None = None) -> paddle.Tensor:
+    """``x @ weight (+ bias)`` with paddle's ``[in, out]`` weight layout."""
+    out = paddle.matmul(x, weight)
+    return out if bias is None else out + bias
+
+
+def size_of(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
+    """``x.shape[axis]``, or a shape tensor when tracing for ``to_static`` (dynamic dims)."""
+    if paddle.in_dynamic_mode():
+        return x.shape[axis]
+    return paddle.shape(x)[axis]
+
+
+def _grouped_q(q: paddle.Tensor, kv_heads: int) -> paddle.Tensor:
+    """``q [b, s, h, d] -> [b, kv, g*s, d]``: the ``g`` query heads of a KV group stacked along rows."""
+    return paddle.reshape(paddle.transpose(q, [0, 2, 1, 3]), [0, kv_heads, -1, q.shape[-1]])
+
+
+def _merge_heads(out: paddle.Tensor, heads: int) -> paddle.Tensor:
+    """``[b, kv, g*s, d] -> [b, s, h*d]``."""
+    dim = out.shape[-1]
+    out = paddle.transpose(paddle.reshape(out, [0, heads, -1, dim]), [0, 2, 1, 3])
+    return paddle.reshape(out, [0, 0, heads * dim])
+
+
+def attend(
+    q: paddle.Tensor,
+    keys: paddle.Tensor,
+    values: paddle.Tensor,
+    bias: paddle.Tensor,
+    head_bias: paddle.Tensor | None = None,
+) -> paddle.Tensor:
+    """Attention of pre-scaled ``q [b,s,h,d]`` over ``keys/values [b,kv,T,d]`` with an additive ``bias``
+    (``[b,1,1,T]`` or ``[b,1,g*s,T]``) and optional per-head ``head_bias [b,h,1,T]`` (ALiBi, ``h == kv``).
+
+    GQA without repeating K/V: a group's query heads are stacked along the row axis. Returns ``[b,s,h*d]``.
+    """
+    heads = q.shape[2]
+    scores = paddle.matmul(_grouped_q(q, keys.shape[1]), keys, transpose_y=True) + bias
+    if head_bias is not None:
+        scores = scores + head_bias
+    return _merge_heads(paddle.matmul(F.softmax(scores, axis=-1), values), heads)
+
+
+def attend_split(
+    q: paddle.Tensor,
+    k_new: paddle.Tensor,
+    v_new: paddle.Tensor,
+    past_k: paddle.Tensor,
+    past_v: paddle.Tensor,
+    new_bias: paddle.Tensor,
+    past_bias: paddle.Tensor,
+    head_bias: tuple[paddle.Tensor, paddle.Tensor] | None = None,
+) -> paddle.Tensor:
+    """Like :func:`attend` over ``past + new`` without concatenating K/V (the exported-graph form): the two
+    score blocks meet only at the softmax. ``head_bias`` is ``(past [b,h,1,T], new [b,h,1,s])``."""
+    heads = q.shape[2]
+    q = _grouped_q(q, k_new.shape[1])
+    s_past = paddle.matmul(q, past_k, transpose_y=True) + past_bias
+    s_new = paddle.matmul(q, k_new, transpose_y=True) + new_bias
+    if head_bias is not None:
+        s_past = s_past + head_bias[0]
+        s_new = s_new + head_bias[1]
+    t_past = size_of(past_k, 2)
+    probs = F.softmax(paddle.concat([s_past, s_new], axis=-1), axis=-1)
+    out = paddle.matmul(probs[:, :, :, :t_past], past_v) + paddle.matmul(probs[:, :, :, t_past:], v_new)
+    return _merge_heads(out, heads)
+
+
+class StepState:
+    """Per-call attention inputs shared by a kernel's layers.
+
+    *Split* mode (``col < 0``, the exported graph): ``caches`` are the past K/V, the step's new K/V are
+    collected in ``outputs``. *In-place* mode (dygraph): the new K/V are written into the ``caches``
+    buffers at column ``col`` and attention reads the first ``span`` buffer columns (``bias`` covers them).
+    """
+
+    def __init__(
+        self, caches, new_bias, past_bias, col: int = -1, span: int = 0, head_bias=None, groups: int = 1
+    ):
+        self.caches, self.col, self.span, self.head_bias = caches, col, span, head_bias
+        self.inplace = col >= 0
+        # causal rows must follow q's [g, s] row order (a [b,1,1,T] decode bias just broadcasts)
+        if groups > 1 and (not paddle.in_dynamic_mode() or new_bias.shape[2] > 1):
+            new_bias = paddle.tile(new_bias, [1, 1, groups, 1])
+        self.new_bias, self.past_bias = new_bias, past_bias
+        self.outputs: list = []
+
+    def attend(self, layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
+        """Attention for one layer (and the cache write / output bookkeeping)."""
+        past_k, past_v = self.caches[2 * layer], self.caches[2 * layer + 1]
+        if not self.inplace:
+            self.outputs += [k, v]
+            return attend_split(q, k, v, past_k, past_v, self.new_bias, self.past_bias, self.head_bias)
+        width = k.shape[2]
+        past_k[:, :, self.col : self.col + width, :] = k
+        past_v[:, :, self.col : self.col + width, :] = v
+        if self.col == 0 and self.span == width:  # prefill without prefix: the new entries are all there is
+            keys, values = k, v
+        elif self.span == past_k.shape[2]:
+            keys, values = past_k, past_v
+        else:
+            keys, values = past_k[:, :, : self.span], past_v[:, :, : self.span]
+        return attend(q, keys, values, self.new_bias, self.head_bias)
+
+
+def fold_rows(weight: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
+    """``diag(scale) @ weight`` as a new tensor (folds a norm weight into the next ``[in, out]`` matmul)."""
+    return weight * paddle.unsqueeze(scale.astype(weight.dtype), 1)
+
+
+def fold_q_scale(
+    weight: paddle.Tensor, bias: paddle.Tensor | None, q_cols: int, factor: float
+) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """New ``[q | k | v]`` weight/bias with the first ``q_cols`` columns multiplied by ``factor``."""
+    scale = paddle.concat([paddle.full([q_cols], factor), paddle.ones([weight.shape[-1] - q_cols])])
+    scale = scale.astype(weight.dtype)
+    return weight * scale, (None if bias is None else bias * scale)
+
+
+def rope(x: paddle.Tensor, cos: paddle.Tensor, sin_signed: paddle.Tensor) -> paddle.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x [b, s, heads, d]``; ``rotate_half`` is one ``flip`` of the
+    two halves, its sign folded into ``sin_signed`` (first half negated)."""
+    head_dim = x.shape[-1]
+    swapped = paddle.flip(paddle.reshape(x, [0, 0, 0, 2, head_dim // 2]), axis=[3])
+    return x * cos + paddle.reshape(swapped, [0, 0, 0, head_dim]) * sin_signed
+
+
+def rope_tables(cos: paddle.Tensor, sin: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``[max_pos, d]`` rotate_half-layout tables -> ``(cos, sin with the first half negated)``, float32."""
+    half = cos.shape[-1] // 2
+    sign = paddle.concat([-paddle.ones([half]), paddle.ones([cos.shape[-1] - half])])
+    return cos.astype("float32"), (sin * sign).astype("float32")
+
+
+def half_split_order(head_dim: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per-head column order ``[first, pass1 | second, pass2]`` so a rotation pairing ``first[i]`` with
+    ``second[i]`` becomes a plain ``rotate_half`` (the other columns pass through, cos 1 / sin 0)."""
+    half = head_dim // 2
+    rest = np.setdiff1d(np.arange(head_dim), np.concatenate([first, second]))
+    n = half - len(first)
+    return np.concatenate([first, rest[:n], second, rest[n:]]).astype(np.int64)
+
+
+def partial_tables(
+    cos_r: paddle.Tensor, sin_r: paddle.Tensor, head_dim: int
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Tables for :func:`half_split_order` layouts from per-pair ``cos_r/sin_r [max_pos, n_pairs]``."""
+    pad = head_dim // 2 - cos_r.shape[-1]
+    ones, zeros = paddle.ones([cos_r.shape[0], pad]), paddle.zeros([cos_r.shape[0], pad])
+    return rope_tables(paddle.concat([cos_r, ones] * 2, axis=-1), paddle.concat([sin_r, zeros] * 2, axis=-1))
+
+
+def qk_column_index(heads: int, kv_heads: int, head_dim: int, order: np.ndarray) -> paddle.Tensor:
+    """Column index applying ``order`` inside every query and key head of a ``[q | k | v]`` projection."""
+    qk = heads + kv_heads
+    cols = (np.arange(qk)[:, None] * head_dim + order).reshape(-1)
+    tail = np.arange(qk * head_dim, (qk + kv_heads) * head_dim)
+    return paddle.to_tensor(np.concatenate([cols, tail]))
+
+
+class StepKernel(paddle.nn.Layer):
+    """Base of the per-family kernels (see the module docstring for the ``forward`` contract)."""
+
+    family: str = ""
+    positions_after_prefix: bool = False  # positions/ALiBi continue after a prefix (gpt, opt, bloom)
+    uses_keypos: bool = False  # reads ``past_keypos`` (ALiBi)
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    dtype_name: str = "float32"
+
+    def _reg(self, name: str, tensor: paddle.Tensor | None) -> str | None:
+        """Register ``tensor`` (once, however often it is shared) and return the name to read it by.
+
+        ``forward`` reads weights through ``getattr(self, name)`` so ``paddle.jit.to_static`` sees them as the
+        layer's persistable variables and ``jit.save`` stores each tensor once. The model's own parameters
+        are shared, not copied.
+        """
+        if tensor is None:
+            return None
+        names = self.__dict__.setdefault("_tensor_names", {})
+        if id(tensor) not in names:
+            names[id(tensor)] = name
+            if isinstance(tensor, paddle.base.framework.EagerParamBase):
+                self.add_parameter(name, tensor)
+            else:
+                self.register_buffer(name, tensor, persistable=True)
+        return names[id(tensor)]
+
+    def _pair(self, name: str, wb: tuple) -> tuple[str | None, str | None]:
+        return self._reg(f"{name}_w", wb[0]), self._reg(f"{name}_b", wb[1])
+
+    def _t(self, name: str | None) -> paddle.Tensor | None:
+        return None if name is None else getattr(self, name)
+
+    def _wb(self, names: tuple[str | None, str | None]) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+        return self._t(names[0]), self._t(names[1])
+
+    def prefix_cache(self, prefix_model: Any, batch: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+        """The prefix as ``[(k, v)]`` per layer, each ``[batch, kv_heads, P, head_dim]`` in kernel layout."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Geometry for the static-export metadata."""
+        return {
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_positions": self.max_positions,
+            "positions_after_prefix": self.positions_after_prefix,
+            "uses_keypos": self.uses_keypos,
+        }
+
+
+def prompt_biases(mask: np.ndarray) -> np.ndarray:
+    """Causal + key-padding additive bias ``[b, 1, s, s]`` for a left-padded prompt."""
+    s = mask.shape[1]
+    causal = np.tril(np.ones((s, s), dtype=bool))
+    keep = causal[None] & mask.astype(bool)[:, None, :]
+    return np.where(keep, 0.0, NEG).astype(np.float32)[:, None]

@@ -1,0 +1,302 @@
+"""Fast kernel for the rotary pre-norm families: llama, mixtral, qwen, chatglm_v2.
+
+Per layer: norm -> one fused QKV matmul -> RoPE (precomputed tables, ``rotate_half`` done with one
+``flip``) -> grouped attention over the cache buffer -> output matmul -> residual -> norm -> one fused
+gate/up matmul -> SiLU gate -> down matmul -> residual. Mixtral's experts run densely (every expert on
+every token, weighted by the top-k routing weights; unselected experts get weight 0), which is exact and
+keeps the graph free of data-dependent shapes. ChatGLM2's interleaved partial rotary is turned into the
+same ``rotate_half`` form by permuting the query/key columns of each head once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from llm.errors import ModelError
+from llm.infer.decoders.base import (
+    StepKernel,
+    StepState,
+    fold_q_scale,
+    fold_rows,
+    half_split_order,
+    linear,
+    norm,
+    partial_tables,
+    qk_column_index,
+    rope,
+    rope_tables,
+)
+
+ROTARY_FAMILIES = ("llama", "mixtral", "qwen", "chatglm_v2")
+
+
+@dataclass
+class _Layer:  # tensors while loading, buffer names after _register
+    ln1: tuple[Any, Any]
+    qkv: tuple[Any, Any]
+    out: tuple[Any, Any]
+    ln2: tuple[Any, Any]
+    gate_up: list[tuple[Any, Any]]  # one per expert (one for dense MLPs)
+    down: list[tuple[Any, Any]]
+    router: Any = None
+
+
+def _cat(*tensors: paddle.Tensor | None) -> paddle.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return paddle.concat(list(tensors), axis=-1)
+
+
+def _bias(layer: Any) -> paddle.Tensor | None:
+    return getattr(layer, "bias", None)
+
+
+def _lin(layer: Any) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    return layer.weight, _bias(layer)
+
+
+class RotaryKernel(StepKernel):
+    """Step kernel for llama / mixtral / qwen / chatglm_v2 (see module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        from llm.model import family_of, unwrap_model
+
+        model = unwrap_model(model)
+        self.family = family_of(model).name
+        if self.family not in ROTARY_FAMILIES:
+            raise ModelError(f"no rotary kernel for family '{self.family}'")
+        self.config = model.config
+        self.dim_order: np.ndarray | None = None
+        getattr(self, f"_load_{self.family}")(model)
+        self.vocab_size = int(self._head.shape[-1])
+        self.dtype_name = str(self._embed.dtype).replace("paddle.", "")
+        self._fold()
+        self._register()
+
+    # ------------------------------------------------------------------------------------------
+    # weight extraction
+    # ------------------------------------------------------------------------------------------
+    def _rope_tables(self, cos: paddle.Tensor, sin: paddle.Tensor) -> None:
+        """``cos``/``sin`` ``[max_pos, head_dim]`` in rotate_half layout -> stored tables (sin sign-folded)."""
+        self._cos, self._sin = rope_tables(cos, sin)
+        self.max_positions = int(cos.shape[0])
+
+    def _load_llama(self, model: Any) -> None:
+        cfg = model.config
+        base = model.llama if self.family == "llama" else model.mixtral
+        if self.family == "llama" and (not getattr(cfg, "rope", True) or getattr(cfg, "alibi", False)):
+            raise ModelError("llama without RoPE (alibi) has no fast kernel")
+        if getattr(cfg, "tensor_parallel_degree", 1) > 1:
+            raise ModelError("tensor-parallel models have no fast kernel")
+        act = getattr(cfg, "hidden_act", "silu") or "silu"
+        if act not in ("silu", "swish"):
+            raise ModelError(f"hidden_act {act!r} has no fast kernel")
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(cfg.hidden_size) // self.heads
+        self.eps = float(cfg.rms_norm_eps)
+        self.num_layers = len(base.layers)
+        rot = base.layers[0].self_attn.rotary_emb
+        self._rope_tables(rot.cos_cached[0, :, 0, :], rot.sin_cached[0, :, 0, :])
+        self.max_positions = min(self.max_positions, int(cfg.max_position_embeddings))
+        layers = []
+        for blk in base.layers:
+            att = blk.self_attn
+            if getattr(att, "fuse_attention_qkv", False):
+                g = self.heads // self.kv_heads
+                w = att.qkv_proj.weight.reshape([0, self.kv_heads, (g + 2) * self.head_dim])
+                q, k, v = paddle.split(w, [g * self.head_dim, self.head_dim, self.head_dim], axis=-1)
+                qkv = paddle.concat([t.reshape([0, -1]) for t in (q, k, v)], axis=-1)
+            else:
+                qkv = _cat(att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)
+            if self.family == "mixtral":
+                moe = blk.block_sparse_moe
+                gate_up = [(_cat(e.w1.weight, e.w3.weight), None) for e in moe.experts]
+                down = [(e.w2.weight, None) for e in moe.experts]
+                router, self.top_k = moe.gate.weight, int(moe.top_k)
+            else:
+                mlp = blk.mlp
+                if getattr(mlp, "fuse_attention_ffn", False):
+                    gu = mlp.gate_up_fused_proj.weight
+                else:
+                    gu = _cat(mlp.gate_proj.weight, mlp.up_proj.weight)
+                gate_up, down, router = [(gu, None)], [(mlp.down_proj.weight, None)], None
+            layers.append(
+                _Layer(
+                    (blk.input_layernorm.weight, None),
+                    (qkv, None),
+                    (att.o_proj.weight, None),
+                    (blk.post_attention_layernorm.weight, None),
+                    gate_up,
+                    down,
+                    router,
+                )
+            )
+        self.layers_w = layers
+        self._embed, self._final, self._head = (
+            base.embed_tokens.weight,
+            (base.norm.weight, None),
+            model.lm_head.weight,
+        )
+
+    _load_mixtral = _load_llama
+
+    def _load_qwen(self, model: Any) -> None:
+        cfg, base = model.config, model.qwen
+        if float(getattr(cfg, "rotary_pct", 1.0)) != 1.0:
+            raise ModelError("qwen with rotary_pct != 1 has no fast kernel")
+        self.heads = self.kv_heads = int(cfg.num_attention_heads)
+        self.head_dim = int(cfg.hidden_size) // self.heads
+        self.eps = float(cfg.layer_norm_epsilon)
+        self.num_layers = len(base.h)
+        # dynamic NTK and logn scaling are identities up to seq_length, which bounds max_positions
+        limit = int(getattr(cfg, "seq_length", None) or cfg.max_position_embeddings)
+        rot = base.h[0].attn.rotary_emb
+        rot.update_cos_sin_cache(limit)
+        self._rope_tables(rot.cos_cached[0, :limit, 0, :], rot.sin_cached[0, :limit, 0, :])
+        layers = []
+        for blk in base.h:
+            mlp = blk.mlp
+            layers.append(
+                _Layer(
+                    (blk.ln_1.weight, None),
+                    _lin(blk.attn.c_attn),
+                    _lin(blk.attn.c_proj),
+                    (blk.ln_2.weight, None),
+                    [(_cat(mlp.w2.weight, mlp.w1.weight), _cat(_bias(mlp.w2), _bias(mlp.w1)))],
+                    [_lin(mlp.c_proj)],
+                )
+            )
+        self.layers_w = layers
+        self._embed, self._final, self._head = base.wte.weight, (base.ln_f.weight, None), model.lm_head.weight
+
+    def _load_chatglm_v2(self, model: Any) -> None:
+        cfg, base = model.config, model.chatglm_v2
+        if getattr(cfg, "apply_residual_connection_post_layernorm", False):
+            raise ModelError("chatglm_v2 with post-layernorm residuals has no fast kernel")
+        if getattr(cfg, "use_long_sequence_strategies", False):
+            raise ModelError("chatglm_v2 with long-sequence strategies has no fast kernel")
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.multi_query_group_num) if cfg.multi_query_attention else self.heads
+        self.head_dim = int(cfg.hidden_size) // self.heads
+        self.eps = float(cfg.layernorm_epsilon)
+        self.num_layers = len(base.encoder.layers)
+        limit = int(cfg.max_sequence_length)
+        cache = base.rotary_pos_emb(limit)  # [limit, rot/2, 2]: GLM rotates interleaved pairs (2i, 2i+1)
+        rot_dim = int(cache.shape[1]) * 2
+        self._cos, self._sin = partial_tables(cache[..., 0], cache[..., 1], self.head_dim)
+        self.max_positions = limit
+        self.dim_order = half_split_order(self.head_dim, np.arange(0, rot_dim, 2), np.arange(1, rot_dim, 2))
+        index = qk_column_index(self.heads, self.kv_heads, self.head_dim, self.dim_order)
+        layers = []
+        for blk in base.encoder.layers:
+            att, mlp = blk.self_attention, blk.mlp
+            w, b = _lin(att.query_key_value)
+            w = paddle.index_select(w, index, axis=1)
+            b = None if b is None else paddle.index_select(b, index)
+            ln = (lambda m: (m.weight, None)) if cfg.rmsnorm else _lin
+            layers.append(
+                _Layer(
+                    ln(blk.input_layernorm),
+                    (w, b),
+                    _lin(att.dense),
+                    ln(blk.post_attention_layernorm),
+                    [_lin(mlp.dense_h_to_4h)],
+                    [_lin(mlp.dense_4h_to_h)],
+                )
+            )
+        self.layers_w = layers
+        final = base.encoder.final_layernorm if cfg.post_layer_norm else None
+        self._final = None if final is None else (final.weight, _bias(final) if not cfg.rmsnorm else None)
+        self._embed, self._head = base.embedding.word_embeddings.weight, base.output_layer.weight
+
+    def _fold(self) -> None:
+        """Fold the RMSNorm weights into the following matmuls and ``1/sqrt(d)`` into the query columns."""
+        q_cols = self.heads * self.head_dim
+        for lw in self.layers_w:
+            qkv_w, qkv_b = lw.qkv
+            if lw.ln1[1] is None:  # RMSNorm: (x_hat * w) @ W == x_hat @ (w[:, None] * W)
+                qkv_w, lw.ln1 = fold_rows(qkv_w, lw.ln1[0]), (None, None)
+            lw.qkv = fold_q_scale(qkv_w, qkv_b, q_cols, 1.0 / math.sqrt(self.head_dim))
+            if lw.ln2[1] is None:
+                w2, lw.ln2 = lw.ln2[0], (None, None)
+                lw.gate_up = [(fold_rows(w, w2), b) for w, b in lw.gate_up]
+                lw.router = None if lw.router is None else fold_rows(lw.router, w2)
+
+    def _register(self) -> None:
+        """Register every tensor (see :meth:`StepKernel._reg`); ``layers_w`` then holds names."""
+        self.w_embed, self.w_head = self._reg("embed", self._embed), self._reg("lm_head", self._head)
+        self._reg("cos_table", self._cos)
+        self._reg("sin_table", self._sin)
+        self.final_norm = None if self._final is None else self._pair("final", self._final)
+        del self._embed, self._head, self._cos, self._sin, self._final
+        for i, lw in enumerate(self.layers_w):
+            for key in ("ln1", "qkv", "out", "ln2"):
+                setattr(lw, key, self._pair(f"l{i}_{key}", getattr(lw, key)))
+            lw.gate_up = [self._pair(f"l{i}_e{e}_gu", wb) for e, wb in enumerate(lw.gate_up)]
+            lw.down = [self._pair(f"l{i}_e{e}_down", wb) for e, wb in enumerate(lw.down)]
+            lw.router = self._reg(f"l{i}_router", lw.router)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+    def _mlp(self, x: paddle.Tensor, lw: _Layer) -> paddle.Tensor:
+        if lw.router is None:
+            gate, up = paddle.chunk(linear(x, *self._wb(lw.gate_up[0])), 2, axis=-1)
+            return linear(F.silu(gate) * up, *self._wb(lw.down[0]))
+        probs = F.softmax(paddle.matmul(x, self._t(lw.router)).astype("float32"), axis=-1)  # [b, s, E]
+        top, _ = paddle.topk(probs, self.top_k, axis=-1)
+        weights = paddle.where(probs >= top[:, :, -1:], probs, paddle.zeros_like(probs))
+        weights = weights / top.sum(axis=-1, keepdim=True)
+        out = None
+        for e, (gu, dn) in enumerate(zip(lw.gate_up, lw.down)):
+            gate, up = paddle.chunk(linear(x, *self._wb(gu)), 2, axis=-1)
+            y = linear(F.silu(gate) * up, *self._wb(dn)) * weights[:, :, e : e + 1]
+            out = y if out is None else out + y
+        return out
+
+    def forward(self, input_ids, positions, new_bias, past_bias, past_keypos, caches, inplace_col=-1, span=0):
+        """One step; see :mod:`llm.infer.decoders.base`."""
+        st = StepState(caches, new_bias, past_bias, inplace_col, span, groups=self.heads // self.kv_heads)
+        hidden = F.embedding(input_ids, self._t(self.w_embed))
+        cos = paddle.unsqueeze(F.embedding(positions, self._t("cos_table")), 2)  # [b, s, 1, d]
+        sin = paddle.unsqueeze(F.embedding(positions, self._t("sin_table")), 2)
+        q_cols, kv_cols = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, lw in enumerate(self.layers_w):
+            x = norm(hidden, *self._wb(lw.ln1), self.eps)
+            qkv = linear(x, *self._wb(lw.qkv))
+            qk, v = paddle.split(qkv, [q_cols + kv_cols, kv_cols], axis=-1)
+            qk = rope(paddle.reshape(qk, [0, 0, self.heads + self.kv_heads, self.head_dim]), cos, sin)
+            q, k = paddle.split(qk, [self.heads, self.kv_heads], axis=2)
+            k = paddle.transpose(k, [0, 2, 1, 3])
+            v = paddle.transpose(paddle.reshape(v, [0, 0, self.kv_heads, self.head_dim]), [0, 2, 1, 3])
+            ctx = st.attend(i, q, k, v)
+            hidden = hidden + linear(ctx, *self._wb(lw.out))
+            hidden = hidden + self._mlp(norm(hidden, *self._wb(lw.ln2), self.eps), lw)
+        last = hidden[:, -1, :]
+        if self.final_norm is not None:
+            last = norm(last, *self._wb(self.final_norm), self.eps)
+        logits = paddle.matmul(last, self._t(self.w_head))
+        return [logits, *st.outputs]
+
+    # ------------------------------------------------------------------------------------------
+    def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+        """Prefix key/values in kernel layout ``[batch, kv, P, d]`` (ChatGLM2 keys get the column order)."""
+        with paddle.no_grad():
+            past = prefix_model._get_past_key_values(batch)
+        out = []
+        for k, v in past:
+            if self.family == "chatglm_v2":  # [P, b, kv, d]
+                k, v = paddle.transpose(k, [1, 2, 0, 3]), paddle.transpose(v, [1, 2, 0, 3])
+                k = paddle.index_select(k, paddle.to_tensor(self.dim_order), axis=3)
+            else:  # [b, P, kv, d]
+                k, v = paddle.transpose(k, [0, 2, 1, 3]), paddle.transpose(v, [0, 2, 1, 3])
+            out.append((k.astype(self.dtype_name), v.astype(self.dtype_name)))
+        return out

@@ -1,0 +1,150 @@
+"""``export_model.py``: write a static model that ``predictor.py --mode static`` runs (spec §6).
+
+The output directory gets the static program/parameters (:func:`llm.infer.static.export_engine`),
+``config.json``, ``generation_config.json``, the tokenizer files, the chat template and
+``export_info.json`` (the export-time ``src_length``/``max_length``, the static predictor's defaults). LoRA is merged
+before export; a prefix-tuned model is exported with its prefix key/values (the engine stores them). Everything is written to
+a temporary sibling directory that is renamed into place only when complete, so an interrupted export
+never leaves a half-written model behind (an existing output directory is replaced).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import llm  # noqa: F401  (zlib fix before paddle)
+from llm.errors import ConfigError, ModelError, exit_on_user_error
+from llm.infer.arguments import (
+    ExportArgument,
+    ModelArgument,
+    PredictorArgument,
+    position_limit,
+    resolve_lengths,
+)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+STATIC_FILES = (
+    "model.pdmodel",
+    "model.pdiparams",
+    "engine.json",
+)  # written by llm.infer.static.export_engine
+EXPORT_INFO = "export_info.json"  # the export-time src_length/max_length: static predict defaults
+
+
+def check_model_prefix(prefix: str) -> None:
+    """The static engine always uses the file stem ``model``; anything else is a clear error."""
+    if prefix != "model":
+        raise ConfigError(
+            f"model_prefix {prefix!r} is not supported: the static engine reads and writes model.pdmodel / "
+            "model.pdiparams; leave --model_prefix unset"
+        )
+
+
+def check_static_dir(path: str) -> None:
+    """Raise one :class:`ModelError` listing what an exported directory lacks."""
+    missing = [n for n in ("config.json", *STATIC_FILES) if not os.path.isfile(os.path.join(path, n))]
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        missing.append("tokenizer files")
+    if missing:
+        raise ModelError(
+            f"{path}: not a complete static model, missing {', '.join(missing)}; create it with "
+            f"export_model.py --model_name_or_path MODEL --output_path {path}"
+        )
+
+
+def read_export_info(path: str) -> dict[str, Any]:
+    """``export_info.json`` of an exported directory (``{}`` if absent or unreadable)."""
+    try:
+        with open(os.path.join(path, EXPORT_INFO), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _replace_dir(tmp: str, output_path: str) -> None:
+    """Move the finished ``tmp`` directory to ``output_path`` (replacing an existing directory)."""
+    if os.path.lexists(output_path) and not os.path.isdir(output_path):
+        raise ConfigError(f"output_path {output_path} exists and is not a directory")
+    old = None
+    if os.path.isdir(output_path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.old-", dir=os.path.dirname(tmp))
+        os.rmdir(old)
+        os.rename(output_path, old)
+    os.rename(tmp, output_path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(args: PredictorArgument, output_path: str) -> str:
+    """Load (and LoRA-merge) the model of ``args`` and write the static model to ``output_path``."""
+    from llm.infer import static
+    from llm.infer.predictor import (
+        adapter_dtype,
+        build_model,
+        prefix_positions,
+        read_json,
+        require_model_dir,
+        set_device,
+    )
+    from llm.tokenizer import load_tokenizer
+
+    path = require_model_dir(args.model_name_or_path)
+    if args.mode == "static":
+        raise ConfigError("export_model.py exports a dynamic model; drop --mode static")
+    check_model_prefix(args.model_prefix)
+    set_device(args.device)
+    tokenizer = load_tokenizer(path, chat_template=args.chat_template)
+    config: dict[str, Any] = read_json(os.path.join(path, "config.json"), "config.json")
+    reserved = prefix_positions(args.prefix_path, config)
+    src_length, max_length = resolve_lengths(
+        args.src_length, args.max_length, position_limit(config), reserved
+    )
+    dtype = adapter_dtype(args)
+    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path)
+
+    output_path = os.path.abspath(output_path)
+    parent = os.path.dirname(output_path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.tmp-", dir=parent)
+    try:
+        static.export_engine(model, tmp, max_seq_len=src_length + max_length, dtype=dtype)
+        model.config.save_pretrained(tmp)
+        generation = os.path.join(path, "generation_config.json")
+        if os.path.isfile(generation):
+            shutil.copyfile(generation, os.path.join(tmp, "generation_config.json"))
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "src_length": src_length,
+            "max_length": max_length,
+            "dtype": dtype,
+            "model": os.path.abspath(path),
+            "lora_path": args.lora_path,
+            "prefix_path": args.prefix_path,
+        }
+        with open(os.path.join(tmp, EXPORT_INFO), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+        check_static_dir(tmp)
+        _replace_dir(tmp, output_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"exported static model to {output_path} (max_seq_len={src_length + max_length}, dtype={dtype})")
+    return output_path
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """``python export_model.py --model_name_or_path DIR [--lora_path L] --output_path OUT``."""
+    from llm.config.parser import parse_arguments
+
+    args, _model_args, export_args = parse_arguments((PredictorArgument, ModelArgument, ExportArgument), argv)
+    if not export_args.output_path:
+        raise ConfigError("missing required argument 'output_path' (pass --output_path DIR)")
+    if not args.model_name_or_path:
+        raise ModelError("missing required argument 'model_name_or_path' (pass --model_name_or_path DIR)")
+    export(args, export_args.output_path)

@@ -1,0 +1,194 @@
+"""Static export of the per-step kernel and a ``paddle.inference`` (CPU) engine running it.
+
+:func:`export_engine` converts the family's fast step kernel (:mod:`llm.infer.decoders`) with
+``paddle.jit.to_static`` -- one program serves prefill and decode: token ids, positions, attention biases
+and the past KV cache in, last-position logits and the step's new KV entries out, batch and sequence
+dimensions dynamic -- and saves ``model.pdmodel``/``model.pdiparams`` plus ``engine.json`` (inputs,
+outputs, geometry) and, for a prefix-tuned model, ``prefix_cache.npz``. :func:`load_static_engine` wraps
+a ``paddle.inference`` predictor in the same :class:`~llm.infer.decoders.runner.KernelRunner` the dynamic
+fast path uses (KV buffers are handed to the predictor zero-copy), so the decode loop, sampling and
+stopping are shared. All nine families export; a model outside a kernel's supported configuration (e.g.
+llama with ALiBi) is refused with :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import paddle
+from paddle import inference
+from paddlenlp.peft import PrefixModelForCausalLM
+
+from llm.errors import ConfigError, ModelError
+from llm.infer.decoders import FAST_FAMILIES, build_kernel
+from llm.infer.decoders.runner import KernelRunner, StepFn
+from llm.infer.engine import Engine
+
+MODEL_STEM = "model"
+META_FILE = "engine.json"
+PREFIX_FILE = "prefix_cache.npz"
+FORMAT_VERSION = 1
+BASE_INPUTS = ("input_ids", "positions", "new_bias", "past_bias", "past_keypos")
+
+
+def _input_specs(kernel: Any, dtype: str) -> list[paddle.static.InputSpec]:
+    spec = paddle.static.InputSpec
+    caches = [
+        spec([None, kernel.kv_heads, None, kernel.head_dim], dtype, f"past_{kind}_{layer}")
+        for layer in range(kernel.num_layers)
+        for kind in ("k", "v")
+    ]
+    return [
+        spec([None, None], "int64", "input_ids"),
+        spec([None, None], "int64", "positions"),
+        spec([None, 1, None, None], "float32", "new_bias"),
+        spec([None, 1, 1, None], "float32", "past_bias"),
+        spec([None, None], "float32", "past_keypos"),
+        caches,
+    ]
+
+
+def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str = "float32") -> None:
+    """Export ``model`` (CausalLM with LoRA merged, or a ``PrefixModel``) for :func:`load_static_engine`."""
+    from llm.model import family_of
+
+    family = family_of(model).name
+    if dtype != "float32":
+        raise ConfigError(f"static export supports dtype float32 on CPU, got {dtype!r}")
+    try:
+        kernel = build_kernel(model)
+    except ModelError as err:
+        raise ModelError(
+            f"cannot export this {family} model: static export runs the family's step kernel and {err} "
+            f"(kernels exist for {', '.join(FAST_FAMILIES)} in their standard configurations); "
+            "use the dynamic mode instead"
+        ) from None
+    if kernel.dtype_name != dtype:
+        raise ConfigError(f"the model is {kernel.dtype_name}, but dtype={dtype!r} was asked for")
+    kernel.eval()
+    prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
+    prefix_len = int(prefix[0][0].shape[2]) if prefix else 0
+    limit = kernel.max_positions - (prefix_len if kernel.positions_after_prefix else 0)
+    if int(max_seq_len) < 2 or int(max_seq_len) > limit:
+        raise ConfigError(f"max_seq_len must be in [2, {limit}] for this model, got {max_seq_len}")
+    os.makedirs(output_path, exist_ok=True)
+    specs = _input_specs(kernel, dtype)
+    static_kernel = paddle.jit.to_static(kernel, input_spec=specs, full_graph=True)
+    feeds = [s for s in specs[:-1] if s.name != "past_keypos" or kernel.uses_keypos] + specs[-1]
+    paddle.jit.save(static_kernel, os.path.join(output_path, MODEL_STEM), input_spec=feeds)
+    if prefix:
+        arrays = {
+            f"{kind}_{i}": t.numpy() for i, (k, v) in enumerate(prefix) for kind, t in (("k", k), ("v", v))
+        }
+        np.savez(os.path.join(output_path, PREFIX_FILE), **arrays)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "dtype": dtype,
+        "max_seq_len": int(max_seq_len),
+        "prefix_len": prefix_len,
+        "geometry": kernel.describe(),
+        "inputs": [s.name for s in feeds],
+        "outputs": ["logits"] + [f"new_{kind}_{i}" for i in range(kernel.num_layers) for kind in ("k", "v")],
+        "notes": "one program for prefill and decode; biases are additive (0 / -1e9); caches [b, kv, T, d]",
+    }
+    with open(os.path.join(output_path, META_FILE), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """``engine.json`` of an exported directory (:class:`ModelError` when it is missing or foreign)."""
+    meta_file = os.path.join(path, META_FILE)
+    model_file = os.path.join(path, MODEL_STEM + ".pdmodel")
+    if not os.path.isfile(meta_file) or not os.path.isfile(model_file):
+        raise ModelError(
+            f"{path}: not an exported engine (expected {META_FILE}, {MODEL_STEM}.pdmodel and "
+            f"{MODEL_STEM}.pdiparams written by export_engine)"
+        )
+    with open(meta_file, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r}")
+    return meta
+
+
+def make_predictor(path: str, *, mkldnn: bool | None = None, threads: int | None = None) -> Any:
+    """A CPU ``paddle.inference`` predictor for ``path`` (oneDNN off unless ``mkldnn`` or ``LLM_STATIC_MKLDNN=1``)."""
+    config = inference.Config(
+        os.path.join(path, MODEL_STEM + ".pdmodel"), os.path.join(path, MODEL_STEM + ".pdiparams")
+    )
+    config.disable_gpu()
+    config.disable_glog_info()
+    config.switch_ir_optim(os.environ.get("LLM_IR_OPTIM", "1") == "1")
+    config.enable_memory_optim()
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    config.set_cpu_math_library_num_threads(int(threads))
+    if mkldnn is None:
+        mkldnn = os.environ.get("LLM_STATIC_MKLDNN", "0") == "1"
+    if mkldnn:
+        config.enable_mkldnn()
+    else:  # paddle 2.6 CPU inference turns oneDNN on by default
+        config.disable_mkldnn()
+    return inference.create_predictor(config)
+
+
+def predictor_step_fn(predictor: Any, meta: dict[str, Any]) -> StepFn:
+    """Adapt a predictor to the runner's step-function signature (caches are shared zero-copy)."""
+    names = set(predictor.get_input_names())
+    handles = {name: predictor.get_input_handle(name) for name in names}
+    outputs = [predictor.get_output_handle(n) for n in predictor.get_output_names()]
+    layers = int(meta["geometry"]["num_layers"])
+
+    def feed(name: str, value: Any) -> None:
+        if name not in names:  # pruned from the program (e.g. past_keypos without ALiBi)
+            return
+        if isinstance(value, paddle.Tensor):
+            handles[name].share_external_data(value if value.is_contiguous() else value.contiguous())
+        else:
+            handles[name].copy_from_cpu(np.ascontiguousarray(value))
+
+    def run(ids, positions, new_bias, past_bias, keypos, past_k, past_v):
+        feed("input_ids", ids)
+        feed("positions", positions.astype(np.int64))
+        feed("new_bias", new_bias)
+        feed("past_bias", past_bias)
+        feed("past_keypos", np.asarray(keypos, dtype=np.float32))
+        for layer in range(layers):
+            feed(f"past_k_{layer}", past_k[layer])
+            feed(f"past_v_{layer}", past_v[layer])
+        predictor.run()
+        arrays = [h.copy_to_cpu() for h in outputs]
+        new = [paddle.to_tensor(a) for a in arrays[1:]]
+        return arrays[0], new[0::2], new[1::2]
+
+    return run
+
+
+def load_static_engine(
+    path: str, *, device: str = "cpu", max_batch_size: int = 8, mkldnn: bool | None = None
+) -> Engine:
+    """An :class:`Engine` over an :func:`export_engine` directory, run by ``paddle.inference``."""
+    if device != "cpu":
+        raise ConfigError(
+            f"the static engine runs on cpu only here (paddle is a CPU build), got device={device!r}"
+        )
+    meta = read_meta(path)
+    predictor = make_predictor(path, mkldnn=mkldnn)
+    prefix = None
+    if int(meta.get("prefix_len", 0)):
+        data = np.load(os.path.join(path, PREFIX_FILE))
+        layers = int(meta["geometry"]["num_layers"])
+        prefix = [(paddle.to_tensor(data[f"k_{i}"]), paddle.to_tensor(data[f"v_{i}"])) for i in range(layers)]
+    runner = KernelRunner(
+        predictor_step_fn(predictor, meta),
+        meta["geometry"],
+        prefix=prefix,
+        max_seq_len=int(meta["max_seq_len"]),
+        dtype=meta["dtype"],
+        kind="static/paddle.inference" + ("+mkldnn" if mkldnn else ""),
+    )
+    return Engine(runner, max_batch_size=max_batch_size)
