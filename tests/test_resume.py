@@ -84,8 +84,14 @@ def test_resume_from_newest_complete_checkpoint(
         return original_train(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalLMTrainer, "train", spy)
-    with caplog.at_level(logging.INFO):
-        run(_argv(model_dir, out, 8))
+    from paddlenlp.utils.log import logger as paddlenlp_logger  # the workflow logs through paddlenlp's logger
+
+    paddlenlp_logger.logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            run(_argv(model_dir, out, 8))
+    finally:
+        paddlenlp_logger.logger.removeHandler(caplog.handler)
     assert resumed_from == [str(out / "checkpoint-4")]
     assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
     assert "resuming from the newest complete checkpoint" in caplog.text

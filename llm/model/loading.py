@@ -25,6 +25,7 @@ import paddle
 import paddle.nn.functional as F
 from paddlenlp.transformers import PretrainedConfig, PretrainedModel
 
+from llm.convert.cache import ensure_paddle_dir
 from llm.errors import ConfigError, ModelError
 from llm.model.families import FamilySpec, family_of
 
@@ -229,7 +230,8 @@ def _first_line(err: BaseException) -> str:
 
 
 def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -> PretrainedModel:
-    """Load a local paddlenlp-layout model dir (``config.json`` + ``model_state.pdparams`` or ``model.safetensors``).
+    """Load a local model dir: paddlenlp layout (``config.json`` + ``model_state.pdparams`` or ``model.safetensors``)
+    or a Hugging Face checkpoint, which is converted on the fly and cached (see :mod:`llm.convert.cache`).
 
     ``convert_from_torch``/``low_cpu_mem_usage``/``variant``/``subfolder`` go to ``from_pretrained``; every
     other keyword overrides a config field (e.g. ``use_flash_attention=False``). Missing dirs, configs or
@@ -244,6 +246,10 @@ def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -
     if not os.path.isfile(config_file):
         raise ModelError(f"{path}: no config.json (expected {expected})")
     load_kwargs = {k: kwargs.pop(k) for k in _FROM_PRETRAINED_KWARGS if k in kwargs}
+    converted = ensure_paddle_dir(path, dtype=dtype)
+    if converted != path:  # a Hugging Face directory, converted once and cached
+        path, config_file = converted, os.path.join(converted, "config.json")
+        load_kwargs.pop("convert_from_torch", None)
     has_weights = any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES)
     has_torch = any(os.path.isfile(os.path.join(path, f)) for f in TORCH_WEIGHT_FILES)
     if not has_weights and not (has_torch and load_kwargs.get("convert_from_torch")):
