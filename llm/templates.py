@@ -45,6 +45,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llm.errors import ConfigError
+from llm.fileio import try_read_json
 
 logger = logging.getLogger(__name__)
 
@@ -333,14 +334,9 @@ def load_template_from_dir(directory: str) -> ChatTemplate | None:
         if os.path.isfile(path):
             return load_template_file(path)
     path = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            value = None
-        if value:
-            return ChatTemplate.from_jinja(value, origin=path)
+    value = try_read_json(path).get("chat_template")
+    if value:
+        return ChatTemplate.from_jinja(value, origin=path)
     return None
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.errors import ModelError
+from llm.fileio import read_json
 from llm.tokenizer_backends import (
     HFBackend,
     PaddleBackend,
@@ -56,19 +57,6 @@ _META_FILES = (
     GENERATION_CONFIG_FILE,
 )
 _VOCAB_PATTERNS = ("*.model", "vocab.json", "merges.txt", "vocab.txt", "*.tiktoken", "vocab.model")
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
 
 
 def _token_str(value: Any) -> str | None:
@@ -257,7 +245,7 @@ class Tokenizer:
                 inner.save_pretrained(save_dir)
             finally:
                 inner.chat_template = saved
-            config = _read_json(os.path.join(save_dir, TOKENIZER_CONFIG_FILE))
+            config = read_json(os.path.join(save_dir, TOKENIZER_CONFIG_FILE), missing_ok=True)
         specials = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -339,9 +327,9 @@ def _wrap(
     None lets a ``tokenizer.json`` post-processor decide.
     """
     if config is None:
-        config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
-    stm = _read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE))
-    gen = _read_json(os.path.join(directory, GENERATION_CONFIG_FILE))
+        config = read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE), missing_ok=True)
+    stm = read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE), missing_ok=True)
+    gen = read_json(os.path.join(directory, GENERATION_CONFIG_FILE), missing_ok=True)
 
     def special(name: str) -> str | None:
         return _token_str(config.get(name)) or _token_str(stm.get(name))
@@ -374,8 +362,8 @@ def _wrap(
 
 
 def _merged_config(directory: str) -> dict[str, Any]:
-    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE))
-    for key, value in _read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE)).items():
+    config = read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE), missing_ok=True)
+    for key, value in read_json(os.path.join(directory, SPECIAL_TOKENS_MAP_FILE), missing_ok=True).items():
         config.setdefault(key, value)
     return config
 
@@ -418,7 +406,7 @@ def _load_paddlenlp(directory: str, name_or_path: str) -> Tokenizer:
             f"{directory}: cannot load a paddlenlp tokenizer ({type(err).__name__}: {err}); expected "
             f"{TOKENIZER_CONFIG_FILE} with a tokenizer_class plus its vocab files, or {HF_TOKENIZER_FILE}"
         ) from None
-    gen = _read_json(os.path.join(directory, GENERATION_CONFIG_FILE))
+    gen = read_json(os.path.join(directory, GENERATION_CONFIG_FILE), missing_ok=True)
     extra = _as_id_list(gen.get("eos_token_id"))
     eos_id = getattr(inner, "eos_token_id", None)
     if isinstance(eos_id, int) and eos_id not in extra:
@@ -431,7 +419,7 @@ def _load_paddlenlp(directory: str, name_or_path: str) -> Tokenizer:
         pad_token=getattr(inner, "pad_token", None),
         unk_token=getattr(inner, "unk_token", None),
         extra_eos_ids=extra,
-        config=_read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)),
+        config=read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE), missing_ok=True),
         files=_tokenizer_files(directory),
     )
 

@@ -16,13 +16,13 @@ Only :func:`paddlenlp_class_fits` imports paddlenlp (lazily).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from typing import Any
 
 from llm.errors import ModelError
+from llm.fileio import try_read_json
 
 SPIECE_UNDERLINE = "▁"
 
@@ -367,11 +367,7 @@ class SentencePieceBackend:
 
 def paddlenlp_class_fits(directory: str) -> bool:
     """True when ``tokenizer_config.json`` names a paddlenlp tokenizer class whose vocab files are all here."""
-    try:
-        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
-            name = json.load(f).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        return False
+    name = try_read_json(os.path.join(directory, "tokenizer_config.json")).get("tokenizer_class")
     if not isinstance(name, str) or not name:
         return False
     import paddlenlp.transformers as pt

@@ -11,6 +11,11 @@ import pytest
 
 import llm  # noqa: F401  (zlib fix before paddle)
 
+try:
+    from helpers_model import save_tiny_model
+except ImportError:  # tests/ imported as a package
+    from tests.helpers_model import save_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "demo" / "model"
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "sft"
@@ -28,21 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def make_tiny_model_dir(path: Path, family: str, seed: int = 0) -> Path:
     """Save a tiny random ``family`` model in paddlenlp layout with the demo's HF tokenizer files."""
-    from llm.model import build_model, tiny_config
     from llm.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(str(DEMO_MODEL))
-    config = tiny_config(
-        family,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    with paddle.utils.unique_name.guard():
-        model = build_model(config, seed=seed)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
+    save_tiny_model(path, family, load_tokenizer(str(DEMO_MODEL)), seed=seed)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO_MODEL / name, path / name)
     return path

@@ -83,6 +83,19 @@ def test_batch_of_mixed_lengths_equals_alone(family: str, backend: str) -> None:
     assert together == alone
 
 
+@pytest.mark.parametrize("family", ["llama", "bloom", "chatglm", "prefix-gpt"])
+def test_long_prefill_in_query_blocks(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block-wise causal prefill (forced with tiny blocks) gives the generic path's tokens."""
+    import llm.infer.decoders.base as base
+
+    model = _prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
+    rng = np.random.RandomState(9)
+    batch = [rng.randint(5, EOS, size=n).tolist() for n in (11, 7)]
+    expected = create_engine(model, backend="generic").generate(batch, greedy(5))
+    monkeypatch.setattr(base, "PREFILL_CHUNK", 4)
+    assert create_engine(model, backend="fast").generate(batch, greedy(5)) == expected
+
+
 def test_max_batch_size_splits_and_keeps_order() -> None:
     engine = create_engine(tiny("llama"), max_batch_size=2)
     rng = np.random.RandomState(4)

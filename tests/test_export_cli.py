@@ -17,8 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+try:
+    import helpers_model as hm
+except ImportError:  # tests/ imported as a package
+    from tests import helpers_model as hm
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICTOR = str(ROOT / "predictor.py")
@@ -53,35 +57,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _make_lora(model_dir: Path, out: Path) -> Path:
-    from paddlenlp.peft import LoRAModel
-
-    from llm.model import load_model, make_lora_config
-
-    model = load_model(str(model_dir))
-    args = type("A", (), {"lora_rank": 4})()
-    lora = LoRAModel(model, make_lora_config(model, args))
-    rng = np.random.default_rng(0)
-    for name, param in lora.model.named_parameters():
-        if "lora_B" in name:
-            param.set_value(rng.normal(0, 0.5, param.shape).astype("float32"))
-    lora.save_pretrained(str(out))
-    return out
-
-
-def _make_prefix(model_dir: Path, out: Path) -> Path:
-    from llm.model import PrefixModel, get_family, load_model, make_prefix_config
-
-    model = load_model(str(model_dir))
-    prefix = PrefixModel(
-        model=model,
-        prefix_config=make_prefix_config(model, 4),
-        postprocess_past_key_value=get_family("llama").prefix_postprocess,
-    )
-    prefix.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from llm.model import build_model, tiny_config
@@ -108,8 +83,8 @@ def setup(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {
         "model": model,
         "other": other,
-        "lora": _make_lora(model, root / "lora"),
-        "prefix": _make_prefix(model, root / "prefix"),
+        "lora": hm.save_lora_adapter(model, root / "lora"),
+        "prefix": hm.save_prefix_adapter(model, root / "prefix"),
         "data": data,
         "bad": bad,
         "nosrc": nosrc,

@@ -107,7 +107,9 @@ def test_adapter_for_another_base_is_refused(tmp_path) -> None:
     adapter = _adapter(_base(str(tmp_path / "base")), str(tmp_path / "lora"))
     other = _base(str(tmp_path / "other"), intermediate_size=48)
     with pytest.raises(
-        ModelError, match=r"mlp.gate_proj.lora_B' has shape \[4, 64\] but the base model needs \[4, 48\]"
+        ModelError,
+        match=r"does not match this llama model.*: weight '.*mlp.gate_proj.lora_B' has shape \[4, 64\] in the "
+        r"adapter but \[4, 48\] in the model",
     ):
         merge_lora_checkpoint(adapter, str(tmp_path / "merged"), model_name_or_path=other)
     assert not (tmp_path / "merged").exists()
@@ -175,3 +177,30 @@ def test_pissa_merge_matches_the_trained_adapter(tmp_path) -> None:
     merged.eval()
     got = forward_logits(merged, {"input_ids": ids}).numpy()
     np.testing.assert_allclose(got, trained, rtol=0, atol=1e-4)
+
+
+def test_in_memory_merge_shares_the_checkpoint_merge(tmp_path, monkeypatch) -> None:
+    """predictor/export_model merge in memory with the same check, base transform and rsLoRA scaling."""
+    from llm.infer.adapters import merge_lora
+
+    base = _base(str(tmp_path / "base"))
+    adapter = _adapter(base, str(tmp_path / "lora"), rslora=True)
+    cfg_path = tmp_path / "lora" / "config.json"
+    cfg = json.load(open(cfg_path))
+    cfg["quantization_config"] = {"weight_quantize_algo": "nf4"}
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ModelError, match="'nf4' quantized base is not supported yet"):
+        merge_lora(load_model(base), adapter)
+    monkeypatch.setattr(lora_mod, "BASE_TRANSFORMS", dict(lora_mod.BASE_TRANSFORMS))
+    register_base_transform("nf4", lambda w, qconfig: paddle.round(w * 8) / 8)
+    merge_lora_checkpoint(adapter, str(tmp_path / "merged"))
+    on_disk = SafetensorsFile(str(tmp_path / "merged" / "model.safetensors"))
+    in_memory = merge_lora(load_model(base), adapter).state_dict()
+    assert sorted(in_memory) == sorted(on_disk.keys())
+    for key, value in in_memory.items():
+        np.testing.assert_allclose(value.numpy(), on_disk.get(key).array, rtol=0, atol=1e-6, err_msg=key)
+    other = _base(str(tmp_path / "other"), intermediate_size=48)
+    with pytest.raises(
+        ModelError, match=r"gate_proj.lora_B' has shape \[4, 64\] in the adapter but \[4, 48\]"
+    ):
+        merge_lora(load_model(other), adapter)

@@ -7,7 +7,6 @@ import llm  # noqa: F401  (zlib fix: must be imported before paddle)
 # isort: split
 import copy
 import json
-import types
 
 import numpy as np
 import paddle
@@ -27,31 +26,15 @@ from llm.model import (
     tiny_config,
 )
 
+try:
+    from helpers_model import model_args
+except ImportError:  # tests/ imported as a package
+    from tests.helpers_model import model_args
+
 FAMILY_NAMES = list(FAMILIES)
 MODES = ("sft", "lora", "prefix")
 LR = {"sft": 5e-3, "lora": 2e-2, "prefix": 5e-2}
 VOCAB = 256
-
-
-def model_args(mode: str, **overrides: object) -> types.SimpleNamespace:
-    """ModelArgument stand-in with the spec defaults (num_prefix_tokens shrunk for speed)."""
-    args = dict(
-        model_name_or_path="tiny",
-        lora=mode == "lora",
-        lora_path=None,
-        lora_rank=8,
-        rslora=False,
-        lora_plus_scale=1.0,
-        pissa=False,
-        use_quick_lora=False,
-        prefix_tuning=mode == "prefix",
-        prefix_path=None,
-        num_prefix_tokens=8,
-        neftune=False,
-        neftune_noise_alpha=5.0,
-    )
-    args.update(overrides)
-    return types.SimpleNamespace(**args)
 
 
 def make_batch(seed: int = 0, batch: int = 2, seq: int = 12) -> dict[str, np.ndarray]:

@@ -7,7 +7,6 @@ import llm  # noqa: F401  (zlib fix: must be imported before paddle)
 # isort: split
 import math
 import re
-import types
 
 import numpy as np
 import paddle
@@ -31,6 +30,11 @@ from llm.model import (
     unwrap_model,
 )
 from llm.model.neftune import neftune_magnitude
+
+try:
+    from helpers_model import model_args
+except ImportError:  # tests/ imported as a package
+    from tests.helpers_model import model_args
 
 FAMILY_NAMES = list(FAMILIES)
 VOCAB = 256
@@ -59,24 +63,6 @@ SPEC_LORA = {
 }
 # Linear layers that must stay un-adapted: output heads and the MoE router
 NOT_ADAPTED = re.compile(r"(^|\.)(lm_head|output_layer|gate)$")
-
-
-def model_args(mode: str = "sft", **overrides: object) -> types.SimpleNamespace:
-    args = dict(
-        model_name_or_path="tiny",
-        lora=mode == "lora",
-        lora_path=None,
-        lora_rank=8,
-        rslora=False,
-        lora_plus_scale=1.0,
-        pissa=False,
-        use_quick_lora=False,
-        prefix_tuning=mode == "prefix",
-        prefix_path=None,
-        num_prefix_tokens=8,
-    )
-    args.update(overrides)
-    return types.SimpleNamespace(**args)
 
 
 def make_batch(seed: int = 0) -> dict[str, np.ndarray]:

@@ -23,12 +23,14 @@ from llm.infer.arguments import (
 )
 from llm.infer.predictor import Predictor, benchmark, predict_file, split_conversation
 from llm.infer.streaming import IncrementalDecoder, stream_text
-from llm.model import build_model, load_model, make_lora_config, make_prefix_config, tiny_config
+from llm.model import load_model
 from llm.tokenizer import load_tokenizer
 
 try:
+    import helpers_model as hm
     import helpers_tokenizer as h
 except ImportError:  # tests/ imported as a package
+    from tests import helpers_model as hm
     from tests import helpers_tokenizer as h
 
 MULTIBYTE = "你好😀龘🦙 ok"
@@ -46,17 +48,7 @@ def _args(model: Path, **kw: object) -> PredictorArgument:
 
 def _save_model(path: Path, tok_dir: Path, family: str = "llama", seed: int = 0, **overrides: object) -> Path:
     tok = load_tokenizer(str(tok_dir))
-    config = tiny_config(
-        family,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **overrides,
-    )
-    with paddle.utils.unique_name.guard():
-        model = build_model(config, seed=seed)
-    model.save_pretrained(str(path), safe_serialization=True)
+    hm.save_tiny_model(path, family, tok, seed=seed, **overrides)
     tok.save_pretrained(str(path))
     return path
 
@@ -259,19 +251,7 @@ def test_predict_file_and_benchmark(
 # ------------------------------------------------------------------------------------ adapters
 @pytest.fixture(scope="module")
 def lora_dir(bpe_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from paddlenlp.peft import LoRAModel
-
-    model = load_model(str(bpe_model))
-    lora = LoRAModel(
-        model, make_lora_config(model, dataclasses.make_dataclass("A", [("lora_rank", int, 4)])())
-    )
-    rng = np.random.default_rng(0)
-    for name, param in lora.model.named_parameters():
-        if "lora_B" in name:
-            param.set_value(rng.normal(0, 0.5, param.shape).astype("float32"))
-    out = tmp_path_factory.mktemp("lora")
-    lora.save_pretrained(str(out))
-    return out
+    return hm.save_lora_adapter(bpe_model, tmp_path_factory.mktemp("lora"))
 
 
 def test_lora_is_merged_in_memory(bpe_model: Path, lora_dir: Path) -> None:
@@ -314,15 +294,7 @@ def test_lora_for_another_model_is_refused(bpe_model: Path, lora_dir: Path, tmp_
 
 
 def test_prefix_model(bpe_model: Path, tmp_path: Path) -> None:
-    from llm.model import PrefixModel, get_family
-
-    model = load_model(str(bpe_model))
-    prefix = PrefixModel(
-        model=model,
-        prefix_config=make_prefix_config(model, 4),
-        postprocess_past_key_value=get_family("llama").prefix_postprocess,
-    )
-    prefix.save_pretrained(str(tmp_path / "prefix"))
+    hm.save_prefix_adapter(bpe_model, tmp_path / "prefix")
     pred = Predictor.from_args(_args(bpe_model, prefix_path=str(tmp_path / "prefix"), batch_size=2))
     outs = pred.predict(["hello", "a longer prompt here"])
     assert outs == [pred.predict(["hello"])[0], pred.predict(["a longer prompt here"])[0]]

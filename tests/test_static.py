@@ -62,10 +62,11 @@ def test_static_sampling_beam_and_stops_equal_dynamic(tmp_path) -> None:
         assert static.generate(batch, cfg) == dynamic.generate(batch, cfg), cfg.decode_strategy
 
 
-def test_static_with_mkldnn_equals_dynamic(tmp_path) -> None:
+@pytest.mark.parametrize("mkldnn", [True, "prefill"])
+def test_static_with_mkldnn_equals_dynamic(mkldnn, tmp_path) -> None:
     model = tiny("qwen")
     export_engine(model, str(tmp_path), max_seq_len=48)
-    static = load_static_engine(str(tmp_path), mkldnn=True)
+    static = load_static_engine(str(tmp_path), mkldnn=mkldnn)
     assert "mkldnn" in static.runner.kind
     cfg = GenerationConfig(max_new_tokens=8)
     assert static.generate(mixed_batch(), cfg) == create_engine(model).generate(mixed_batch(), cfg)
@@ -109,6 +110,8 @@ def test_export_and_load_errors(tmp_path) -> None:
     export_engine(tiny("opt"), str(tmp_path / "d"), max_seq_len=16)
     with pytest.raises(ConfigError, match="cpu"):
         load_static_engine(str(tmp_path / "d"), device="gpu")
+    with pytest.raises(ConfigError, match="mkldnn"):
+        load_static_engine(str(tmp_path / "d"), mkldnn="always")
     engine = load_static_engine(str(tmp_path / "d"))
     with pytest.raises(ConfigError, match="max_seq_len=16"):
         engine.generate([[5] * 10], GenerationConfig(max_new_tokens=8))

@@ -10,6 +10,7 @@ from typing import Any
 
 from llm.convert.tensors import SafetensorsFile, Tensor, open_weight_file, read_safetensors_header
 from llm.errors import ModelError
+from llm.fileio import read_json
 
 HF_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -34,18 +35,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-def read_json(path: str) -> dict[str, Any]:
-    """A JSON object from ``path`` or :class:`ModelError`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
 
 
 class Checkpoint:
@@ -124,9 +113,15 @@ def _single(directory: str, name: str, paddle_layout: bool) -> Checkpoint:
     return ckpt
 
 
-def open_checkpoint(directory: str, paddle_layout: bool) -> Checkpoint:
-    """The weights of ``directory`` (index JSON first, then a single file); :class:`ModelError` if none."""
-    layouts = PADDLE_LAYOUTS if paddle_layout else HF_LAYOUTS
+def open_checkpoint(
+    directory: str, paddle_layout: bool, layouts: tuple[tuple[str, str], ...] | None = None
+) -> Checkpoint:
+    """The weights of ``directory`` (index JSON first, then a single file); :class:`ModelError` if none.
+
+    ``layouts`` (``(index name, single file name)`` pairs, preferred first) defaults to the model layouts of
+    paddlenlp or Hugging Face; adapters pass their own file names.
+    """
+    layouts = layouts or (PADDLE_LAYOUTS if paddle_layout else HF_LAYOUTS)
     for index_name, single in layouts:
         if os.path.isfile(os.path.join(directory, index_name)):
             return _from_index(directory, index_name, paddle_layout)

@@ -7,21 +7,20 @@ that shard's file). Output goes to a temporary sibling directory that is renamed
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import uuid
 from functools import partial
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from llm.convert.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint, read_json
+from llm.convert.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from llm.convert.rules import Step, apply, expected_targets, out_shape, plan
 from llm.convert.specs import ConvSpec, hf_ties, spec_for_hf, spec_for_paddle
 from llm.convert.tensors import FLOAT_DTYPES, Pending, Tensor, cast, itemsize, to_float32, write_safetensors
-from llm.errors import ConfigError, ModelError
+from llm.errors import ModelError
+from llm.fileio import check_not_source, check_output, read_json, staged_dir, write_json
 
 CONVERTER_VERSION = "llm-convert-v1"
 DEFAULT_SHARD_SIZE = "10GB"  # paddlenlp's save_pretrained default
@@ -38,60 +37,6 @@ def check_dtype(dtype: str | None, allow_none: bool = False) -> str | None:
     if dtype not in FLOAT_DTYPES:
         raise ModelError(f"unsupported dtype '{dtype}'; expected one of {', '.join(FLOAT_DTYPES)}")
     return dtype
-
-
-def new_tmp_dir(dst: str) -> str:
-    """An empty temporary directory next to ``dst`` (same filesystem, so the final rename is atomic)."""
-    parent = os.path.dirname(os.path.abspath(dst)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(
-        parent, f".{os.path.basename(os.path.abspath(dst))}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-    os.makedirs(tmp)
-    return tmp
-
-
-def check_not_source(dst: str, *sources: str | None) -> None:
-    """Refuse an output directory that is or contains one of the input directories (replacing it would
-    delete the input)."""
-    out = os.path.realpath(dst)
-    for src in sources:
-        if not src or not os.path.exists(src):
-            continue
-        inp = os.path.realpath(src)
-        if out == inp or inp.startswith(out + os.sep):
-            raise ConfigError(
-                f"the output directory '{dst}' overlaps the input '{src}'; choose another output path"
-            )
-
-
-def check_output(dst: str, overwrite: bool) -> None:
-    """Fail early when ``dst`` exists, is not empty and may not be replaced."""
-    if not overwrite and os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ModelError(f"output '{dst}' already exists and is not empty (pass --overwrite to replace it)")
-
-
-def publish(tmp: str, dst: str, overwrite: bool) -> str:
-    """Rename the finished ``tmp`` directory to ``dst`` (replacing an existing ``dst`` only with ``overwrite``)."""
-    dst = os.path.abspath(dst)
-    if os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst):
-        os.rmdir(dst)
-    if os.path.lexists(dst):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(
-                f"output '{dst}' already exists and is not empty (pass --overwrite to replace it)"
-            )
-        old = f"{tmp}.old"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
-    else:
-        os.rename(tmp, dst)
-    return dst
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
@@ -185,8 +130,7 @@ def _write_shards(
         ckpt.close()
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(dst, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+        write_json(os.path.join(dst, "model.safetensors.index.json"), index)
     return names
 
 
@@ -253,8 +197,7 @@ def convert_hf_to_paddle(
         checks = [s for s in steps if s.op == "zero"]
         for step in checks:
             _zero_check(ckpt, step, step.sources[0], spec)
-        tmp = new_tmp_dir(dst)
-        try:
+        with staged_dir(dst, overwrite) as tmp:
             _write_shards(
                 ckpt,
                 [s for s in steps if s.op != "zero"],
@@ -269,14 +212,10 @@ def convert_hf_to_paddle(
             copy_tokenizer_files(src, tmp)
             provenance = {"converter": CONVERTER_VERSION, "source": os.path.abspath(src), "spec": spec.name}
             provenance.update(dtype=dtype, tied_lm_head=tie, files=ckpt.files)
-            with open(os.path.join(tmp, PROVENANCE_FILE), "w", encoding="utf-8") as f:
-                json.dump(provenance, f, indent=2)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            write_json(os.path.join(tmp, PROVENANCE_FILE), provenance)
     finally:
         ckpt.close()
-    return publish(tmp, dst, overwrite)
+    return os.path.abspath(dst)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,15 +265,10 @@ def export_paddle_to_hf(
             raise ModelError(f"{src}: the checkpoint lacks {len(missing)} tensors (e.g. '{missing[0]}')")
         stored = ckpt.info(keys[0])[1]
         hf_config["torch_dtype"] = dtype or (stored if stored in FLOAT_DTYPES else "float32")
-        tmp = new_tmp_dir(dst)
-        try:
+        with staged_dir(dst, overwrite) as tmp:
             _write_shards(ckpt, steps, tmp, dtype, {"format": "pt"}, progress, "paddle->hf", max_shard_size)
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(hf_config, f, indent=2, sort_keys=True)
+            write_json(os.path.join(tmp, "config.json"), hf_config, sort_keys=True)
             copy_tokenizer_files(src, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         ckpt.close()
-    return publish(tmp, dst, overwrite)
+    return os.path.abspath(dst)

@@ -227,6 +227,16 @@ def write_safetensors(path: str, items: Iterable[Pending], metadata: dict[str, s
     return offset
 
 
+def write_state(path: str, items: Iterable[Pending], safe: bool) -> None:
+    """Write a paddle state dict: safetensors with ``np`` metadata (streamed), or a ``.pdparams`` pickle."""
+    if safe:
+        write_safetensors(path, items, {"format": "np"})
+        return
+    import paddle
+
+    paddle.save({item.name: item.make().array for item in items}, path)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch .bin and paddle .pdparams (pickle-based; only files the user pointed at)
 # --------------------------------------------------------------------------------------------------

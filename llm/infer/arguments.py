@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from llm.errors import ConfigError
+from llm.fileio import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +180,7 @@ def resolve_lengths(
 def read_generation_defaults(directory: str) -> dict[str, Any]:
     """Sampling defaults from ``directory/generation_config.json`` (keys of :data:`SAMPLING_DEFAULTS`)."""
     path = os.path.join(directory, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            gen = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read JSON ({err})") from None
+    gen = load_json(path, error=ConfigError) if os.path.isfile(path) else {}
     if not isinstance(gen, dict):
         return {}
     out: dict[str, Any] = {}

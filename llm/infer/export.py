@@ -10,21 +10,14 @@ never leaves a half-written model behind (an existing output directory is replac
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.errors import ConfigError, ModelError, exit_on_user_error
-from llm.infer.arguments import (
-    ExportArgument,
-    ModelArgument,
-    PredictorArgument,
-    position_limit,
-    resolve_lengths,
-)
+from llm.fileio import staged_dir, try_read_json, write_json
+from llm.infer.arguments import ExportArgument, ModelArgument, PredictorArgument
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 STATIC_FILES = (
@@ -58,60 +51,25 @@ def check_static_dir(path: str) -> None:
 
 def read_export_info(path: str) -> dict[str, Any]:
     """``export_info.json`` of an exported directory (``{}`` if absent or unreadable)."""
-    try:
-        with open(os.path.join(path, EXPORT_INFO), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _replace_dir(tmp: str, output_path: str) -> None:
-    """Move the finished ``tmp`` directory to ``output_path`` (replacing an existing directory)."""
-    if os.path.lexists(output_path) and not os.path.isdir(output_path):
-        raise ConfigError(f"output_path {output_path} exists and is not a directory")
-    old = None
-    if os.path.isdir(output_path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.old-", dir=os.path.dirname(tmp))
-        os.rmdir(old)
-        os.rename(output_path, old)
-    os.rename(tmp, output_path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    return try_read_json(os.path.join(path, EXPORT_INFO))
 
 
 def export(args: PredictorArgument, output_path: str) -> str:
     """Load (and LoRA-merge) the model of ``args`` and write the static model to ``output_path``."""
     from llm.infer import static
-    from llm.infer.predictor import (
-        adapter_dtype,
-        build_model,
-        prefix_positions,
-        read_json,
-        require_model_dir,
-        set_device,
-    )
-    from llm.tokenizer import load_tokenizer
+    from llm.infer.predictor import load_dynamic, require_model_dir, set_device
 
     path = require_model_dir(args.model_name_or_path)
     if args.mode == "static":
         raise ConfigError("export_model.py exports a dynamic model; drop --mode static")
     check_model_prefix(args.model_prefix)
     set_device(args.device)
-    tokenizer = load_tokenizer(path, chat_template=args.chat_template)
-    config: dict[str, Any] = read_json(os.path.join(path, "config.json"), "config.json")
-    reserved = prefix_positions(args.prefix_path, config)
-    src_length, max_length = resolve_lengths(
-        args.src_length, args.max_length, position_limit(config), reserved
-    )
-    dtype = adapter_dtype(args)
-    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path)
+    tokenizer, model, src_length, max_length, dtype = load_dynamic(args, path)
 
     output_path = os.path.abspath(output_path)
-    parent = os.path.dirname(output_path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_path)}.tmp-", dir=parent)
-    try:
+    if os.path.lexists(output_path) and not os.path.isdir(output_path):
+        raise ConfigError(f"output_path {output_path} exists and is not a directory")
+    with staged_dir(output_path) as tmp:  # an existing output directory is replaced
         static.export_engine(model, tmp, max_seq_len=src_length + max_length, dtype=dtype)
         model.config.save_pretrained(tmp)
         generation = os.path.join(path, "generation_config.json")
@@ -126,13 +84,8 @@ def export(args: PredictorArgument, output_path: str) -> str:
             "lora_path": args.lora_path,
             "prefix_path": args.prefix_path,
         }
-        with open(os.path.join(tmp, EXPORT_INFO), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
+        write_json(os.path.join(tmp, EXPORT_INFO), info)
         check_static_dir(tmp)
-        _replace_dir(tmp, output_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"exported static model to {output_path} (max_seq_len={src_length + max_length}, dtype={dtype})")
     return output_path
 

@@ -21,10 +21,11 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.errors import ConfigError, DataError, ModelError, exit_on_user_error
+from llm.fileio import read_json, staged_file
 from llm.infer.arguments import (
     ModelArgument,
     PredictorArgument,
@@ -59,20 +60,6 @@ def set_device(device: str | None) -> str:
         )
     paddle.set_device(device)
     return device
-
-
-def read_json(path: str, what: str) -> dict[str, Any]:
-    """A JSON object file, or :class:`ModelError` naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: {what} not found") from None
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot read {what} ({err})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: {what} must be a JSON object")
-    return data
 
 
 def require_model_dir(path: str | None) -> str:
@@ -124,23 +111,15 @@ class Predictor:
     def from_args(cls, args: PredictorArgument) -> Predictor:
         """Build the tokenizer, model/engine and generation settings described by ``args``."""
         from llm.infer import create_engine
-        from llm.tokenizer import load_tokenizer
 
         path = require_model_dir(args.model_name_or_path)
         set_device(args.device)
         sampling_settings(args, path)  # fail fast on bad settings, before any weights load
         if args.mode == "static":
             return cls._from_static(args, path)
-        tokenizer = load_tokenizer(path, chat_template=args.chat_template)
-        config = read_json(os.path.join(path, "config.json"), "config.json")
-        reserved = prefix_positions(args.prefix_path, config)
-        src_length, max_length = resolve_lengths(
-            args.src_length, args.max_length, position_limit(config), reserved
-        )
-        dtype = adapter_dtype(args)
-        model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path)
-        engine = create_engine(model, max_batch_size=args.batch_size, dtype=dtype)
-        return cls._finish(args, path, engine, tokenizer, src_length, max_length)
+        loaded = load_dynamic(args, path)
+        engine = create_engine(loaded.model, max_batch_size=args.batch_size, dtype=loaded.dtype)
+        return cls._finish(args, path, engine, loaded.tokenizer, loaded.src_length, loaded.max_length)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, **kwargs: Any) -> Predictor:
@@ -302,6 +281,32 @@ def build_model(
     return model
 
 
+class DynamicModel(NamedTuple):
+    """What a dynamic-mode run (predictor or export) loads from ``args``: see :func:`load_dynamic`."""
+
+    tokenizer: Any
+    model: Any
+    src_length: int
+    max_length: int
+    dtype: str
+
+
+def load_dynamic(args: PredictorArgument, path: str) -> DynamicModel:
+    """The tokenizer, the model of :func:`build_model` (LoRA merged, or prefix-wrapped), the resolved
+    ``src_length``/``max_length`` (a gpt/opt prefix takes position slots) and the dtype for ``args``."""
+    from llm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path, chat_template=args.chat_template)
+    config = read_json(os.path.join(path, "config.json"), "config.json")
+    reserved = prefix_positions(args.prefix_path, config)
+    src_length, max_length = resolve_lengths(
+        args.src_length, args.max_length, position_limit(config), reserved
+    )
+    dtype = adapter_dtype(args)
+    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path)
+    return DynamicModel(tokenizer, model, src_length, max_length, dtype)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _rank() -> int:
     return int(os.environ.get("PADDLE_TRAINER_ID", os.environ.get("PADDLE_RANK_IN_NODE", "0")) or 0)
@@ -355,13 +360,9 @@ def _text(value: Any) -> str:
 
 def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` as JSON lines (via a temp file renamed into place)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with staged_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def benchmark(predictor: Predictor, warmup: int = 10, repeat: int = 100) -> dict[str, float]:

@@ -13,22 +13,20 @@ split; k/v groups are split when their count divides the degree and replicated o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import numpy as np
-import paddle
 
-from llm.convert.checkpoint import open_checkpoint, read_json
-from llm.convert.core import check_not_source, copy_tokenizer_files, new_tmp_dir, publish
-from llm.convert.tensors import Pending, Tensor, open_weight_file, write_safetensors
+from llm.convert.checkpoint import open_checkpoint
+from llm.convert.core import copy_tokenizer_files
+from llm.convert.tensors import Pending, Tensor, open_weight_file, write_state
 from llm.errors import ModelError
+from llm.fileio import check_not_source, read_json, staged_dir, staged_file, write_json
 
 logger = logging.getLogger(__name__)
 SHARD_RE = re.compile(
@@ -230,34 +228,25 @@ def merge_tensor_parallel(
 
 
 def _write_state(state: dict[str, Tensor], path: str, safe: bool) -> None:
-    if safe:
-        items = [Pending(k, tuple(t.array.shape), t.dtype, lambda t=t: t) for k, t in state.items()]
-        write_safetensors(path, items, {"format": "np"})
-    else:
-        paddle.save({k: t.array for k, t in state.items()}, path)
+    write_state(
+        path, [Pending(k, tuple(t.array.shape), t.dtype, lambda t=t: t) for k, t in state.items()], safe
+    )
 
 
 def _save(state: dict[str, Tensor], config: Any, src: str, output_path: str | None, safe: bool) -> str:
     name = "model.safetensors" if safe else "model_state.pdparams"
     if output_path is None or os.path.abspath(output_path) == os.path.abspath(src):
-        tmp_file = os.path.join(src, f".{name}.tmp-{os.getpid()}")
-        _write_state(state, tmp_file, safe)
-        os.replace(tmp_file, os.path.join(src, name))
+        with staged_file(os.path.join(src, name)) as tmp_file:
+            _write_state(state, tmp_file, safe)
         cfg = read_json(os.path.join(src, "config.json"))
         cfg.update(tensor_parallel_degree=1, pipeline_parallel_degree=1)
-        with open(os.path.join(src, ".config.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        os.replace(os.path.join(src, ".config.json.tmp"), os.path.join(src, "config.json"))
+        write_json(os.path.join(src, "config.json"), cfg, sort_keys=True)
         return src
-    tmp = new_tmp_dir(output_path)
-    try:
+    with staged_dir(output_path) as tmp:
         _write_state(state, os.path.join(tmp, name), safe)
         config.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish(tmp, output_path, overwrite=True)
+    return os.path.abspath(output_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,27 +287,24 @@ def split_tensor_parallel(
     ckpt = open_checkpoint(directory, paddle_layout=True)
     full = {k: ckpt.get(k) for k in ckpt.keys()}
     layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1))
-    tmp = new_tmp_dir(output_path)
     try:
-        config.tensor_parallel_degree = tp
-        for t in range(tp):
-            config.tensor_parallel_rank = t
-            actions = tp_actions(model_class, config, list(full), is_split=True) if tp > 1 else {}
-            for p in range(pp):
-                part = {
-                    k: Tensor(np.ascontiguousarray(actions[k](v.array)), v.dtype) if k in actions else v
-                    for k, v in full.items()
-                    if stage_of(k, layers, pp) == p
-                }
-                name = shard_name(t if tp > 1 else None, p if pp > 1 else None, safe_serialization)
-                _write_state(part, os.path.join(tmp, name), safe_serialization)
-        config.tensor_parallel_rank = 0
-        config.pipeline_parallel_degree = pp
-        config.save_pretrained(tmp)
-        copy_tokenizer_files(directory, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(output_path) as tmp:
+            config.tensor_parallel_degree = tp
+            for t in range(tp):
+                config.tensor_parallel_rank = t
+                actions = tp_actions(model_class, config, list(full), is_split=True) if tp > 1 else {}
+                for p in range(pp):
+                    part = {
+                        k: Tensor(np.ascontiguousarray(actions[k](v.array)), v.dtype) if k in actions else v
+                        for k, v in full.items()
+                        if stage_of(k, layers, pp) == p
+                    }
+                    name = shard_name(t if tp > 1 else None, p if pp > 1 else None, safe_serialization)
+                    _write_state(part, os.path.join(tmp, name), safe_serialization)
+            config.tensor_parallel_rank = 0
+            config.pipeline_parallel_degree = pp
+            config.save_pretrained(tmp)
+            copy_tokenizer_files(directory, tmp)
     finally:
         ckpt.close()
-    return publish(tmp, output_path, overwrite=True)
+    return os.path.abspath(output_path)

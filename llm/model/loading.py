@@ -14,7 +14,6 @@ Fixes applied by :func:`apply_family_fixes` (per model instance, never globally)
 
 from __future__ import annotations
 
-import json
 import os
 import types
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from paddlenlp.transformers import PretrainedConfig, PretrainedModel
 
 from llm.convert.cache import ensure_paddle_dir
 from llm.errors import ConfigError, ModelError
+from llm.fileio import read_json
 from llm.model.families import FamilySpec, family_of
 
 IGNORE_INDEX = -100
@@ -255,12 +255,7 @@ def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -
     if not has_weights and not (has_torch and load_kwargs.get("convert_from_torch")):
         hint = " (found pytorch_model.bin: pass convert_from_torch=True)" if has_torch else ""
         raise ModelError(f"{path}: no model weights found; expected one of {', '.join(WEIGHT_FILES)}{hint}")
-    try:
-        with open(config_file, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{config_file}: cannot read config ({_first_line(err)})") from None
-    spec = family_of(raw)
+    spec = family_of(read_json(config_file, "config"))
     config = spec.config_class.from_pretrained(path)
     for key, value in kwargs.items():
         setattr(config, key, value)

@@ -23,6 +23,7 @@ from paddlenlp.peft.lora.lora_layers import LoRALinear
 from paddlenlp.utils.log import logger
 
 from llm.errors import ConfigError, ModelError
+from llm.fileio import try_read_json
 from llm.model.families import FamilySpec, family_of, prefix_geometry
 
 LORA_FILES = ("lora_model_state.pdparams", "lora_model_state.safetensors.index.json")
@@ -147,6 +148,12 @@ def _require_files(path: str | None, what: str, config_name: str, weight_files: 
     if not any(os.path.isfile(os.path.join(path, f)) for f in weight_files):
         raise ModelError(f"{path}: no {what} weights (expected {' or '.join(weight_files)})")
     return path
+
+
+def adapter_base_hint(path: str, config_name: str) -> str:
+    """`` (its CONFIG names base model 'X')`` from an adapter's config, for mismatch errors (else ``""``)."""
+    base = try_read_json(os.path.join(path, config_name)).get("base_model_name_or_path")
+    return f" (its {config_name} names base model '{base}')" if base else ""
 
 
 def _lora_layer_count(model: paddle.nn.Layer) -> int:

@@ -46,6 +46,7 @@ def make_runner(model: Any, *, backend: str = "auto", max_seq_len: int | None = 
                 raise
         else:
             kernel.eval()
+            kernel.enable_dual_head(*kernel.head_layout())
             prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
             return KernelRunner(
                 kernel_step_fn(kernel),

@@ -27,6 +27,7 @@ from llm.infer.decoders.base import (
     partial_tables,
     qk_column_index,
     rope,
+    rope_factors,
     rope_tables,
 )
 from llm.infer.decoders.classic import _per_head_to_blocks
@@ -104,10 +105,9 @@ class ChatGLMKernel(StepKernel):
 
     def forward(self, input_ids, positions, new_bias, past_bias, past_keypos, caches, inplace_col=-1, span=0):
         """One step; see :mod:`llm.infer.decoders.base`."""
-        st = StepState(caches, new_bias, past_bias, inplace_col, span)
+        st = StepState(caches, new_bias, past_bias, inplace_col, span, kv_heads=self.heads)
         hidden = F.embedding(input_ids, self._t(self.w_embed))
-        cos = paddle.unsqueeze(F.embedding(positions, self._t("cos_table")), 2)
-        sin = paddle.unsqueeze(F.embedding(positions, self._t("sin_table")), 2)
+        cos, sin = rope_factors(positions, self._t("cos_table"), self._t("sin_table"), 2 * self.heads)
         cols = self.heads * self.head_dim
         for i, blk in enumerate(self.blocks):
             x = self._ln(hidden, blk["ln1"])
@@ -126,8 +126,11 @@ class ChatGLMKernel(StepKernel):
                 inner = F.gelu(inner, approximate=True)
             hidden = mid * self.alpha + linear(inner, *self._wb(blk["fc2"]))
         last = self._ln(hidden[:, -1, :], self.final)
-        logits = paddle.matmul(last, self._t(self.w_head), transpose_y=True)
-        return [logits, *st.outputs]
+        return [self._logits(last, self.w_head, True), *st.outputs]
+
+    def head_layout(self) -> tuple[str, bool]:
+        """The tied LM head, stored ``[V, hidden]``."""
+        return self.w_head, True
 
     def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """Prefix ``[P, b, h, d]`` caches -> ``[b, h, P, d]`` with the key column order applied."""

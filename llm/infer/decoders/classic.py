@@ -239,7 +239,7 @@ class ClassicKernel(StepKernel):
             head_bias = slopes * paddle.unsqueeze(past_keypos, [1, 2])
             if inplace_col < 0:
                 head_bias = (head_bias, slopes * paddle.unsqueeze(positions.astype("float32"), [1, 2]))
-        st = StepState(caches, new_bias, past_bias, inplace_col, span, head_bias)
+        st = StepState(caches, new_bias, past_bias, inplace_col, span, head_bias, kv_heads=self.heads)
         cols = self.heads * self.head_dim
         for i, blk in enumerate(self.blocks):
             x = self._ln(hidden, blk.ln1) if self.pre_norm else hidden
@@ -260,8 +260,11 @@ class ClassicKernel(StepKernel):
             last = self._ln(last, w["final"])
         if w["proj_out"] is not None:
             last = paddle.matmul(last, self._t(w["proj_out"]))
-        logits = paddle.matmul(last, self._t(w["head"]), transpose_y=self.head_transposed)
-        return [logits, *st.outputs]
+        return [self._logits(last, w["head"], self.head_transposed), *st.outputs]
+
+    def head_layout(self) -> tuple[str, bool]:
+        """The (tied) LM head, usually stored ``[V, hidden]``."""
+        return self.w["head"], self.head_transposed
 
     def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """Prefix key/values in kernel layout ``[batch, heads, P, d]``."""

@@ -30,6 +30,7 @@ from llm.infer.decoders.base import (
     partial_tables,
     qk_column_index,
     rope,
+    rope_factors,
     rope_tables,
 )
 
@@ -264,10 +265,18 @@ class RotaryKernel(StepKernel):
 
     def forward(self, input_ids, positions, new_bias, past_bias, past_keypos, caches, inplace_col=-1, span=0):
         """One step; see :mod:`llm.infer.decoders.base`."""
-        st = StepState(caches, new_bias, past_bias, inplace_col, span, groups=self.heads // self.kv_heads)
+        st = StepState(
+            caches,
+            new_bias,
+            past_bias,
+            inplace_col,
+            span,
+            groups=self.heads // self.kv_heads,
+            kv_heads=self.kv_heads,
+        )
         hidden = F.embedding(input_ids, self._t(self.w_embed))
-        cos = paddle.unsqueeze(F.embedding(positions, self._t("cos_table")), 2)  # [b, s, 1, d]
-        sin = paddle.unsqueeze(F.embedding(positions, self._t("sin_table")), 2)
+        heads = self.heads + self.kv_heads
+        cos, sin = rope_factors(positions, self._t("cos_table"), self._t("sin_table"), heads)
         q_cols, kv_cols = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, lw in enumerate(self.layers_w):
             x = norm(hidden, *self._wb(lw.ln1), self.eps)
@@ -283,8 +292,11 @@ class RotaryKernel(StepKernel):
         last = hidden[:, -1, :]
         if self.final_norm is not None:
             last = norm(last, *self._wb(self.final_norm), self.eps)
-        logits = paddle.matmul(last, self._t(self.w_head))
-        return [logits, *st.outputs]
+        return [self._logits(last, self.w_head, False), *st.outputs]
+
+    def head_layout(self) -> tuple[str, bool]:
+        """The LM head is stored ``[hidden, V]``."""
+        return self.w_head, False
 
     # ------------------------------------------------------------------------------------------
     def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
