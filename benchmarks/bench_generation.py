@@ -242,9 +242,11 @@ def run_worker(system: str, weights: Path, reps: int) -> dict:
 
 
 def merge(runs: list[dict]) -> dict:
+    """Best value of every metric over the rounds (plus each round's values under ``rounds``)."""
     best = dict(runs[0])
     for key in METRICS:
         best[key] = max(r[key] for r in runs)
+    best["rounds"] = [{key: round(r[key], 2) for key in METRICS} for r in runs]
     return best
 
 

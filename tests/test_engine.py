@@ -210,6 +210,24 @@ def test_prefix_becomes_the_first_cache_entries(family: str) -> None:
         assert engine.generate(mixed, greedy(6))[0] == engine.generate([mixed[0]], greedy(6))[0]
 
 
+def test_unmerged_lora_uses_the_generic_path() -> None:
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    with paddle.utils.unique_name.guard():
+        base = build_model(tiny_config("llama", vocab_size=VOCAB, eos_token_id=EOS), seed=4)
+    lora = LoRAModel(base, LoRAConfig(target_modules=[".*q_proj.*", ".*v_proj.*"], r=4, lora_alpha=8))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.set_value(paddle.randn(p.shape) * 0.5)
+    lora.eval()
+    with pytest.raises(ModelError, match="not merged"):
+        create_engine(lora, backend="fast")
+    engine = create_engine(lora)
+    assert isinstance(engine.runner, GenericRunner)
+    batch = prompts(2, 5)
+    assert engine.generate(batch, greedy(5)) == argmax_reference(lora, batch, 5)
+
+
 def test_errors_are_clear() -> None:
     engine = create_engine(tiny("llama"))
     with pytest.raises(ConfigError, match="empty"):
@@ -222,6 +240,8 @@ def test_errors_are_clear() -> None:
         engine.generate([[VOCAB + 3]], greedy())
     with pytest.raises(ConfigError, match="backend"):
         create_engine(tiny("llama"), backend="cuda")
+    with pytest.raises(ConfigError, match="the model is float32"):
+        create_engine(tiny("llama"), dtype="bfloat16")
     with paddle.utils.unique_name.guard():
         alibi_llama = build_model(tiny_config("llama", vocab_size=VOCAB, alibi=True), seed=0)
     with pytest.raises(ModelError, match="no fast kernel"):

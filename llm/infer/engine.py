@@ -224,7 +224,8 @@ class Engine:
                 if seen is not None:
                     seen = seen[next_rows]
                     seen[np.arange(len(next_tokens)), next_tokens] = True
-                runner.select(next_rows)
+                if not np.array_equal(next_rows, np.arange(len(next_rows))):
+                    runner.select(next_rows)  # reorder the cache to the surviving beams
                 logits = runner.step(next_tokens)
         finally:
             runner.end()
@@ -253,8 +254,10 @@ def create_engine(
 ) -> Engine:
     """A dynamic-graph :class:`Engine` for a loaded CausalLM (LoRA merged) or a ``PrefixModel``.
 
-    ``backend``: ``auto`` (the fast preallocated-cache kernels where the family has one, else the generic
-    path), ``fast`` (refuse families without kernels) or ``generic`` (the model's own forward and cache).
+    ``backend``: ``auto`` (the family's fast step kernel with a preallocated cache; models outside a
+    kernel's configuration fall back to the generic path), ``fast`` (refuse such models) or ``generic``
+    (the model's own forward and ``past_key_values``). ``max_seq_len`` caps prompt + new tokens (default:
+    the model's position limit). ``dtype`` must be the model's dtype (CPU kernels: float32).
     """
     from llm.infer.decoders import make_runner
 

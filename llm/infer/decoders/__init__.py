@@ -19,10 +19,21 @@ FAST_FAMILIES = ROTARY_FAMILIES + CLASSIC_FAMILIES + ("chatglm",)
 
 
 def build_kernel(model: Any) -> StepKernel:
-    """The family's fast step kernel for ``model`` (:class:`ModelError` when there is none)."""
-    from llm.model import family_of
+    """The family's fast step kernel for ``model`` (:class:`ModelError` when there is none).
+
+    Kernels read the layers' ``weight`` tensors, so unmerged LoRA layers are refused (merge them first;
+    :func:`make_runner` then falls back to the generic path, which runs the LoRA forward).
+    """
+    from llm.model import family_of, unwrap_model
 
     family = family_of(model).name
+    unmerged = [
+        name
+        for name, layer in unwrap_model(model).named_sublayers()
+        if hasattr(layer, "lora_A") and not getattr(layer, "merged", False)
+    ]
+    if unmerged:
+        raise ModelError(f"{len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]}); merge LoRA first")
     if family in ROTARY_FAMILIES:
         return RotaryKernel(model)
     if family in CLASSIC_FAMILIES:
@@ -32,12 +43,27 @@ def build_kernel(model: Any) -> StepKernel:
     raise ModelError(f"no fast kernel for model family '{family}' (fast kernels: {', '.join(FAST_FAMILIES)})")
 
 
-def make_runner(model: Any, *, backend: str = "auto", max_seq_len: int | None = None, dtype: str = "float32"):
+def model_dtype(model: Any) -> str:
+    """The dtype name of the model's first parameter (``float32`` when it has none)."""
+    for param in model.parameters():
+        return str(param.dtype).replace("paddle.", "")
+    return "float32"
+
+
+def make_runner(
+    model: Any, *, backend: str = "auto", max_seq_len: int | None = None, dtype: str = "float32"
+) -> KernelRunner | GenericRunner:
     """Pick the runner for ``model``: see :func:`llm.infer.create_engine`."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"unsupported dtype {dtype!r}")
+    if model_dtype(model) != dtype:
+        raise ConfigError(
+            f"the model is {model_dtype(model)} but dtype={dtype!r} was asked for; load it in {dtype}"
+        )
+    if max_seq_len is not None and int(max_seq_len) < 2:
+        raise ConfigError(f"max_seq_len must be >= 2, got {max_seq_len}")
     if backend != "generic":
         try:
             kernel = build_kernel(model)

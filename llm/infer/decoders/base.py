@@ -78,7 +78,7 @@ def attend(
     head_bias: paddle.Tensor | None = None,
 ) -> paddle.Tensor:
     """Attention of pre-scaled ``q [b,s,h,d]`` over ``keys/values [b,kv,T,d]`` with an additive ``bias``
-    (``[b,1,1,T]`` or ``[b,1,g*s,T]``) and optional per-head ``head_bias [b,h,1,T]`` (ALiBi, ``h == kv``).
+    (``[b,kv,g*s,T]``) and optional per-head ``head_bias [b,h,1,T]`` (ALiBi, ``h == kv``).
 
     GQA without repeating K/V: a group's query heads are stacked along the row axis. Returns ``[b,s,h*d]``.
     """
@@ -147,17 +147,17 @@ class StepState:
             self.new_bias = self._expand(new_bias)
 
     def _expand(self, bias: paddle.Tensor) -> paddle.Tensor:
-        """Match a ``[b,1,s,T]`` bias to the scores' ``[b,kv,g*s,T]`` rows (a 1-row decode bias broadcasts;
-        multi-row biases are materialised once per call, as broadcast adds are slow on CPU)."""
+        """Match a ``[b,1,s,T]`` bias to the scores' ``[b,kv,g*s,T]`` rows. In dygraph it is materialised
+        once per call: a broadcasting add costs ~120 us per layer at batch 16, a same-shape one ~4 us."""
         if not paddle.in_dynamic_mode():
             return paddle.tile(bias, [1, 1, self.groups, 1]) if self.groups > 1 else bias
-        if bias.shape[2] == 1:
-            return bias
-        if self.groups > 1:
+        rows = bias.shape[2]
+        if rows > 1 and self.groups > 1:  # causal rows must follow q's [g, s] row order
             bias = paddle.tile(bias, [1, 1, self.groups, 1])
-        if self.kv_heads > 1:
-            bias = paddle.expand(bias, [-1, self.kv_heads, -1, -1])
-        return bias.contiguous()
+            rows = bias.shape[2]
+        elif rows == 1:
+            rows = self.groups
+        return paddle.expand(bias, [-1, self.kv_heads, rows, -1]).contiguous()
 
     def attend(self, layer: int, q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor) -> paddle.Tensor:
         """Attention for one layer (and the cache write / output bookkeeping)."""
@@ -165,15 +165,15 @@ class StepState:
         if not self.inplace:
             self.outputs += [k, v]
             return attend_split(q, k, v, past_k, past_v, self.new_bias, self.past_bias, self.head_bias)
-        width = k.shape[2]
-        past_k[:, :, self.col : self.col + width, :] = k
-        past_v[:, :, self.col : self.col + width, :] = v
-        if self.col == 0 and self.span == width:  # prefill without prefix: the new entries are all there is
+        width, col, span = k.shape[2], self.col, self.span
+        past_k[:, :, col : col + width, :] = k
+        past_v[:, :, col : col + width, :] = v
+        if col == 0 and span == width:  # prefill without prefix: the new entries are all there is
             keys, values = k, v
-        elif self.span == past_k.shape[2]:
+        elif span == past_k.shape[2]:
             keys, values = past_k, past_v
         else:
-            keys, values = past_k[:, :, : self.span], past_v[:, :, : self.span]
+            keys, values = past_k[:, :, :span], past_v[:, :, :span]
         if not self.blocks:
             return attend(q, keys, values, self.new_bias, self.head_bias)
         outs = [
@@ -206,12 +206,12 @@ def rope(x: paddle.Tensor, cos: paddle.Tensor, sin_signed: paddle.Tensor) -> pad
 def rope_factors(
     positions: paddle.Tensor, cos_table: paddle.Tensor, sin_table: paddle.Tensor, heads: int
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """``cos``/``sin`` rows for ``positions [b, s]`` as ``[b, s, 1, d]``; for a multi-token dygraph call
-    they are expanded to ``[b, s, heads, d]`` once, so every layer's RoPE multiplies same-shape tensors
-    (broadcasting elementwise ops are several times slower on CPU)."""
+    """``cos``/``sin`` rows for ``positions [b, s]`` as ``[b, s, 1, d]``; in dygraph they are expanded to
+    ``[b, s, heads, d]`` once per call, so every layer's RoPE multiplies same-shape tensors (paddle's CPU
+    kernels broadcasting over a middle axis are ~20x slower: 64 us instead of 3 us at batch 16)."""
     cos = paddle.unsqueeze(F.embedding(positions, cos_table), 2)
     sin = paddle.unsqueeze(F.embedding(positions, sin_table), 2)
-    if paddle.in_dynamic_mode() and positions.shape[1] > 1:
+    if paddle.in_dynamic_mode():
         cos = paddle.expand(cos, [-1, -1, heads, -1]).contiguous()
         sin = paddle.expand(sin, [-1, -1, heads, -1]).contiguous()
     return cos, sin

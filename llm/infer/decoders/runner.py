@@ -170,7 +170,8 @@ def kernel_step_fn(kernel: StepKernel) -> StepFn:
                 inplace_col=int(col),
                 span=int(span),
             )
-        return outs[0].astype("float32").numpy()
+        logits = outs[0]
+        return (logits if logits.dtype == paddle.float32 else logits.astype("float32")).numpy()
 
     run.inplace = True  # type: ignore[attr-defined]
     return run
