@@ -113,7 +113,11 @@ class ClassicKernel(StepKernel):
         self.max_positions = int(emb.position_embeddings.weight.shape[0])
         self.head_transposed = bool(getattr(model.lm_head, "transpose_y", True))
         t["head"] = model.lm_head.weight
-        self.blocks = [
+        self.blocks = self._gpt_style_blocks(dec.layers)
+
+    def _gpt_style_blocks(self, layers: Any) -> list[_Block]:
+        """GPT and OPT decoder layers share attribute names: norm1/self_attn/norm2/linear1/linear2."""
+        return [
             _Block(
                 _lin(b.norm1),
                 self._qkv(b.self_attn),
@@ -122,7 +126,7 @@ class ClassicKernel(StepKernel):
                 _lin(b.linear1),
                 _lin(b.linear2),
             )
-            for b in dec.layers
+            for b in layers
         ]
 
     def _load_opt(self, model: Any, cfg: Any, t: dict) -> None:
@@ -139,17 +143,7 @@ class ClassicKernel(StepKernel):
         self.max_positions = int(emb.position_embeddings.weight.shape[0]) - self.pos_offset
         self.head_transposed = True
         t["head"] = model.lm_head.decoder_weight
-        self.blocks = [
-            _Block(
-                _lin(b.norm1),
-                self._qkv(b.self_attn),
-                _lin(b.self_attn.out_proj),
-                _lin(b.norm2),
-                _lin(b.linear1),
-                _lin(b.linear2),
-            )
-            for b in dec.layers
-        ]
+        self.blocks = self._gpt_style_blocks(dec.layers)
 
     def _load_bloom(self, model: Any, cfg: Any, t: dict) -> None:
         if getattr(cfg, "apply_residual_connection_post_layernorm", False):
