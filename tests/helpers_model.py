@@ -83,3 +83,27 @@ def save_prefix_adapter(model_dir: Path, out: Path, num_prefix_tokens: int = 4) 
     )
     prefix.save_pretrained(str(out))
     return out
+
+
+def finetune_argv(model_dir: Path, out: Path, data: Path, *extra: str, **values: object) -> list[str]:
+    """CLI argv for ``llm.train.finetune.run`` on a tiny model: quiet, seeded, short lengths, ``--do_train``.
+
+    ``values`` override or add ``--key value`` pairs; ``extra`` is appended as given.
+    """
+    flags: dict[str, object] = {
+        "model_name_or_path": model_dir,
+        "dataset_name_or_path": data,
+        "output_dir": out,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "src_length": 32,
+        "max_length": 64,
+        "disable_tqdm": "true",
+        "report_to": "none",
+        "seed": 1,
+    }
+    flags.update(values)
+    argv = [part for key, value in flags.items() for part in (f"--{key}", str(value))]
+    return [*argv, "--do_train", *extra]

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 from conftest import FIXTURE_DATA
+from helpers_model import finetune_argv
 
 import llm  # noqa: F401
 from llm.errors import UserError
@@ -25,25 +26,9 @@ MODES = {
 
 def _argv(model_dir: Path, out: Path, mode: str, steps: int = 8) -> list[str]:
     extra, lr = MODES[mode]
-    return [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name_or_path", str(FIXTURE_DATA),
-        "--output_dir", str(out),
-        "--max_steps", str(steps),
-        "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "8",
-        "--learning_rate", lr,
-        "--warmup_steps", "0",
-        "--logging_steps", "1",
-        "--save_steps", "4",
-        "--src_length", "32",
-        "--max_length", "64",
-        "--do_train", "--do_eval",
-        "--disable_tqdm", "true",
-        "--report_to", "none",
-        "--seed", "1",
-        *extra,
-    ]  # fmt: skip
+    return finetune_argv(
+        model_dir, out, FIXTURE_DATA, "--do_eval", *extra, max_steps=steps, learning_rate=lr, save_steps=4
+    )
 
 
 def _logged_losses(out: Path) -> list[float]:

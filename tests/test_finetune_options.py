@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import FIXTURE_DATA
+from helpers_model import finetune_argv
 
 import llm  # noqa: F401
 import llm.train.finetune as finetune
@@ -24,26 +25,9 @@ SYSTEM, USER, ASSISTANT = 4, 5, 6  # <|system|>, <|user|>, <|assistant|> in the 
 
 def _argv(model_dir: Path, out: Path, *extra: str, steps: int = 3, data: Path = FIXTURE_DATA) -> list[str]:
     # eval_steps/save_steps beyond max_steps: a single evaluation at the end, no checkpoints
-    return [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name_or_path", str(data),
-        "--output_dir", str(out),
-        "--max_steps", str(steps),
-        "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-2",
-        "--warmup_steps", "0",
-        "--logging_steps", "1",
-        "--eval_steps", "1000",
-        "--save_steps", "1000",
-        "--src_length", "32",
-        "--max_length", "64",
-        "--do_train",
-        "--disable_tqdm", "true",
-        "--report_to", "none",
-        "--seed", "1",
-        *extra,
-    ]  # fmt: skip
+    return finetune_argv(
+        model_dir, out, data, *extra, max_steps=steps, learning_rate="1e-2", eval_steps=1000, save_steps=1000
+    )
 
 
 def _losses(out: Path) -> list[float]:

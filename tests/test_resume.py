@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_DATA
+from helpers_model import finetune_argv
 from paddlenlp.trainer import Trainer
 
 import llm  # noqa: F401
@@ -27,25 +28,16 @@ from llm.train.trainer import CausalLMTrainer
 
 def _argv(model_dir: Path, out: Path, steps: int) -> list[str]:
     # constant LR: the schedule must not depend on max_steps, so 6-then-8 steps equals 8 steps
-    return [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name_or_path", str(FIXTURE_DATA),
-        "--output_dir", str(out),
-        "--max_steps", str(steps),
-        "--per_device_train_batch_size", "8",
-        "--learning_rate", "3e-3",
-        "--lr_scheduler_type", "constant",
-        "--warmup_steps", "0",
-        "--logging_steps", "1",
-        "--save_steps", "2",
-        "--save_total_limit", "2",
-        "--src_length", "32",
-        "--max_length", "64",
-        "--do_train",
-        "--disable_tqdm", "true",
-        "--report_to", "none",
-        "--seed", "1",
-    ]  # fmt: skip
+    return finetune_argv(
+        model_dir,
+        out,
+        FIXTURE_DATA,
+        max_steps=steps,
+        learning_rate="3e-3",
+        lr_scheduler_type="constant",
+        save_steps=2,
+        save_total_limit=2,
+    )
 
 
 def _state_losses(out: Path) -> dict[int, float]:
