@@ -59,18 +59,20 @@ def _llama_common(family: str, hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def llama_to_paddle(hf: dict[str, Any]) -> dict[str, Any]:
-    out = _llama_common("llama", hf)
-    out.update(_rope_to_paddle("llama", hf))
+def _llama_with_rope(name: str, hf: dict[str, Any]) -> dict[str, Any]:
+    out = _llama_common(name, hf)
+    out.update(_rope_to_paddle(name, hf))
     return out
+
+
+def llama_to_paddle(hf: dict[str, Any]) -> dict[str, Any]:
+    return _llama_with_rope("llama", hf)
 
 
 def qwen2_to_paddle(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("use_sliding_window"):
         refuse("qwen2", "use_sliding_window=true is not implemented by paddlenlp 2.8.1 llama")
-    out = _llama_common("qwen2", hf)
-    out.update(_rope_to_paddle("qwen2", hf))
-    return out
+    return _llama_with_rope("qwen2", hf)
 
 
 def mixtral_to_paddle(hf: dict[str, Any]) -> dict[str, Any]:
