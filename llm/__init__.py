@@ -7,14 +7,10 @@ with ``zlib.error: ... inconsistent stream state`` (or crashes). Loading ``zlib`
 before paddle makes libz bind to itself. Every entry point imports ``llm`` first.
 """
 
-import os as _os
-import zlib  # noqa: F401  (must stay the first import, see above)
+import zlib  # noqa: F401, I001  (must stay the first import, see above)
 
-# paddle's CPU kernels run single-threaded unless OMP_NUM_THREADS is set, and MKL takes a
-# slow code path on AMD processors unless told otherwise; both must be set before paddle loads.
-_os.environ.setdefault(
-    "OMP_NUM_THREADS", str(len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else 1)
-)
-_os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+from llm import runtime as _runtime
+
+_runtime.apply()  # OMP/MKL defaults and malloc thresholds, before paddle loads (see llm/runtime.py)
 
 __version__ = "0.1.0"

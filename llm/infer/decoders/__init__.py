@@ -72,7 +72,7 @@ def make_runner(
                 raise
         else:
             kernel.eval()
-            kernel.enable_dual_head(*kernel.head_layout())
+            kernel.enable_blocked_head(*kernel.head_layout())
             prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
             return KernelRunner(
                 kernel_step_fn(kernel),

@@ -24,6 +24,8 @@ import paddle
 import paddle.nn.functional as F
 
 NEG = -1e9
+HEAD_BLOCK = 768  # LM-head columns per block in dygraph (see StepKernel.enable_blocked_head)
+MLP_BLOCK = 768  # minimum gate/up columns per block (see column_blocks)
 
 
 def rms(x: paddle.Tensor, eps: float) -> paddle.Tensor:
@@ -51,6 +53,43 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None =
     return out if bias is None else out + bias
 
 
+def mlp_blocks(width: int) -> int:
+    """Blocks per half of a fused gate/up projection: the most that divide ``width`` into blocks of at least
+    :data:`MLP_BLOCK` columns (1 for small models)."""
+    return max([n for n in range(1, width // MLP_BLOCK + 1) if width % n == 0] or [1])
+
+
+def column_blocks(
+    weight: paddle.Tensor, bias: paddle.Tensor | None, blocks: int
+) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """``[in, out]`` weight -> ``[blocks, in, out / blocks]`` (bias -> ``[blocks, 1, out / blocks]``).
+
+    With the paddle/MKL matmul here, 16 rows times a 576 x 3072 projection whose weights are not in cache
+    take 0.65 ms as one matmul and 0.40 ms as four 768-column blocks in one batched matmul.
+    """
+    rows, cols = weight.shape
+    w = paddle.transpose(paddle.reshape(weight, [rows, blocks, cols // blocks]), [1, 0, 2]).contiguous()
+    return w, (None if bias is None else paddle.reshape(bias, [blocks, 1, cols // blocks]))
+
+
+def blocked_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor | None) -> paddle.Tensor:
+    """``x [..., in]`` through a :func:`column_blocks` weight -> ``[blocks, rows, out / blocks]``."""
+    out = paddle.matmul(paddle.reshape(x, [1, -1, x.shape[-1]]), weight)
+    return out if bias is None else out + bias
+
+
+def unblock(x: paddle.Tensor, like: paddle.Tensor) -> paddle.Tensor:
+    """``[blocks, rows, width]`` -> ``like.shape[:-1] + [blocks * width]`` (the inverse of the blocking)."""
+    cols = x.shape[0] * x.shape[2]
+    if x.shape[0] > 1:
+        x = paddle.transpose(x, [1, 0, 2])
+    if paddle.in_dynamic_mode():
+        return paddle.reshape(x, like.shape[:-1] + [cols])
+    if len(like.shape) == 2:
+        return paddle.reshape(x, [-1, cols])
+    return paddle.reshape(x, [size_of(like, 0), -1, cols])
+
+
 def size_of(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
     """``x.shape[axis]``, or a shape tensor when tracing for ``to_static`` (dynamic dims)."""
     if paddle.in_dynamic_mode():
@@ -58,14 +97,30 @@ def size_of(x: paddle.Tensor, axis: int) -> int | paddle.Tensor:
     return paddle.shape(x)[axis]
 
 
+def _one_row(x: paddle.Tensor) -> bool:
+    """A dygraph decode step (one query row): head transposes are then plain reshapes."""
+    return paddle.in_dynamic_mode() and x.shape[1] == 1
+
+
+def heads_first(x: paddle.Tensor, heads: int, dim: int) -> paddle.Tensor:
+    """``[b, s, heads * dim]`` (or ``[b, s, heads, dim]``) -> ``[b, heads, s, dim]``."""
+    if _one_row(x):
+        return paddle.reshape(x, [0, heads, 1, dim])
+    return paddle.transpose(paddle.reshape(x, [0, 0, heads, dim]), [0, 2, 1, 3])
+
+
 def _grouped_q(q: paddle.Tensor, kv_heads: int) -> paddle.Tensor:
     """``q [b, s, h, d] -> [b, kv, g*s, d]``: the ``g`` query heads of a KV group stacked along rows."""
+    if _one_row(q):
+        return paddle.reshape(q, [0, kv_heads, -1, q.shape[-1]])
     return paddle.reshape(paddle.transpose(q, [0, 2, 1, 3]), [0, kv_heads, -1, q.shape[-1]])
 
 
-def _merge_heads(out: paddle.Tensor, heads: int) -> paddle.Tensor:
+def _merge_heads(out: paddle.Tensor, heads: int, one_row: bool) -> paddle.Tensor:
     """``[b, kv, g*s, d] -> [b, s, h*d]``."""
     dim = out.shape[-1]
+    if one_row:
+        return paddle.reshape(out, [0, 1, heads * dim])
     out = paddle.transpose(paddle.reshape(out, [0, heads, -1, dim]), [0, 2, 1, 3])
     return paddle.reshape(out, [0, 0, heads * dim])
 
@@ -82,11 +137,11 @@ def attend(
 
     GQA without repeating K/V: a group's query heads are stacked along the row axis. Returns ``[b,s,h*d]``.
     """
-    heads = q.shape[2]
+    heads, one_row = q.shape[2], _one_row(q)
     scores = paddle.matmul(_grouped_q(q, keys.shape[1]), keys, transpose_y=True) + bias
     if head_bias is not None:
         scores = scores + head_bias
-    return _merge_heads(paddle.matmul(F.softmax(scores, axis=-1), values), heads)
+    return _merge_heads(paddle.matmul(F.softmax(scores, axis=-1), values), heads, one_row)
 
 
 def attend_split(
@@ -101,7 +156,7 @@ def attend_split(
 ) -> paddle.Tensor:
     """Like :func:`attend` over ``past + new`` without concatenating K/V (the exported-graph form): the two
     score blocks meet only at the softmax. ``head_bias`` is ``(past [b,h,1,T], new [b,h,1,s])``."""
-    heads = q.shape[2]
+    heads, one_row = q.shape[2], _one_row(q)
     q = _grouped_q(q, k_new.shape[1])
     s_past = paddle.matmul(q, past_k, transpose_y=True) + past_bias
     s_new = paddle.matmul(q, k_new, transpose_y=True) + new_bias
@@ -111,7 +166,7 @@ def attend_split(
     t_past = size_of(past_k, 2)
     probs = F.softmax(paddle.concat([s_past, s_new], axis=-1), axis=-1)
     out = paddle.matmul(probs[:, :, :, :t_past], past_v) + paddle.matmul(probs[:, :, :, t_past:], v_new)
-    return _merge_heads(out, heads)
+    return _merge_heads(out, heads, one_row)
 
 
 PREFILL_CHUNK = 128  # query rows per block in a long dygraph prefill (causal blocks skip masked keys)
@@ -291,21 +346,35 @@ class StepKernel(paddle.nn.Layer):
     def _wb(self, names: tuple[str | None, str | None]) -> tuple[paddle.Tensor, paddle.Tensor | None]:
         return self._t(names[0]), self._t(names[1])
 
-    def enable_dual_head(self, name: str, transposed: bool) -> None:
-        """Keep a second, transposed copy of the LM head for dygraph use (``V * hidden`` extra floats).
+    def enable_blocked_head(self, name: str, transposed: bool, block: int = HEAD_BLOCK) -> None:
+        """Keep a dygraph copy of the LM head as ``[n, hidden, block]`` column blocks (vocab zero-padded to
+        ``n * block``); :meth:`_logits` then runs one batched matmul over the blocks.
 
-        On this CPU one row reads a ``[hidden, V]`` head fastest (GEMV) and several rows a ``[V, hidden]``
-        one (``transpose_y``): about 2x either way. :meth:`_logits` picks the layout per call.
+        Measured on this CPU (hidden 576, vocab 49152, head not in cache): 16 rows 12.3 ms through a
+        ``[V, hidden]`` head (``transpose_y``) and 17.2 ms through ``[hidden, V]``, 6.3 ms blocked; one row
+        4.3 ms / 8.5 ms / 4.0 ms. The static graph keeps the original head.
         """
         head = self._t(name)
-        self.__dict__["_alt_head"] = (paddle.transpose(head, [1, 0]).contiguous(), not transposed)
+        if transposed:
+            head = paddle.transpose(head, [1, 0])
+        hidden, vocab = head.shape
+        blocks = -(-vocab // block)
+        if blocks * block > vocab:
+            head = paddle.concat([head, paddle.zeros([hidden, blocks * block - vocab], head.dtype)], axis=1)
+        blocked = paddle.transpose(paddle.reshape(head, [hidden, blocks, block]), [1, 0, 2])
+        self.__dict__["_blocked_head"] = (blocked.contiguous(), vocab)
 
     def _logits(self, last: paddle.Tensor, name: str, transposed: bool) -> paddle.Tensor:
-        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its dygraph twin)."""
-        alt = self.__dict__.get("_alt_head")
-        if alt is not None and paddle.in_dynamic_mode() and (last.shape[0] > 1) == alt[1]:
-            return paddle.matmul(last, alt[0], transpose_y=alt[1])
-        return paddle.matmul(last, self._t(name), transpose_y=transposed)
+        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked twin)."""
+        blocked = self.__dict__.get("_blocked_head")
+        if blocked is None or not paddle.in_dynamic_mode():
+            return paddle.matmul(last, self._t(name), transpose_y=transposed)
+        head, vocab = blocked
+        out = paddle.matmul(paddle.unsqueeze(last, 0), head)  # [n, b, block]
+        if last.shape[0] > 1:
+            out = paddle.transpose(out, [1, 0, 2])
+        out = paddle.reshape(out, [last.shape[0], -1])
+        return out if out.shape[1] == vocab else out[:, :vocab]
 
     def prefix_cache(self, prefix_model: Any, batch: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """The prefix as ``[(k, v)]`` per layer, each ``[batch, kv_heads, P, head_dim]`` in kernel layout."""

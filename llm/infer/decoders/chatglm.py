@@ -23,6 +23,7 @@ from llm.infer.decoders.base import (
     StepState,
     fold_q_scale,
     half_split_order,
+    heads_first,
     linear,
     partial_tables,
     qk_column_index,
@@ -114,8 +115,7 @@ class ChatGLMKernel(StepKernel):
             qk, v = paddle.split(linear(x, *self._wb(blk["qkv"])), [2 * cols, cols], axis=-1)
             qk = rope(paddle.reshape(qk, [0, 0, 2 * self.heads, self.head_dim]), cos, sin)
             q, k = paddle.split(qk, 2, axis=2)
-            k = paddle.transpose(k, [0, 2, 1, 3])
-            v = paddle.transpose(paddle.reshape(v, [0, 0, self.heads, self.head_dim]), [0, 2, 1, 3])
+            k, v = heads_first(k, self.heads, self.head_dim), heads_first(v, self.heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
             mid = self._ln(x * self.alpha + linear(ctx, *self._wb(blk["out"])), blk["ln2"])
             inner = linear(mid, *self._wb(blk["fc1"]))

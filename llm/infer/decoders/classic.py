@@ -17,7 +17,7 @@ import paddle
 import paddle.nn.functional as F
 
 from llm.errors import ModelError
-from llm.infer.decoders.base import StepKernel, StepState, fold_q_scale, linear
+from llm.infer.decoders.base import StepKernel, StepState, fold_q_scale, heads_first, linear
 
 CLASSIC_FAMILIES = ("gpt", "opt", "bloom", "glm")
 
@@ -239,8 +239,7 @@ class ClassicKernel(StepKernel):
             x = self._ln(hidden, blk.ln1) if self.pre_norm else hidden
             q, k, v = paddle.split(linear(x, *self._wb(blk.qkv)), [cols, cols, cols], axis=-1)
             q = paddle.reshape(q, [0, 0, self.heads, self.head_dim])
-            k = paddle.transpose(paddle.reshape(k, [0, 0, self.heads, self.head_dim]), [0, 2, 1, 3])
-            v = paddle.transpose(paddle.reshape(v, [0, 0, self.heads, self.head_dim]), [0, 2, 1, 3])
+            k, v = heads_first(k, self.heads, self.head_dim), heads_first(v, self.heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
             hidden = hidden + linear(ctx, *self._wb(blk.out))
             if not self.pre_norm:

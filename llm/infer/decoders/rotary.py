@@ -22,16 +22,21 @@ from llm.errors import ModelError
 from llm.infer.decoders.base import (
     StepKernel,
     StepState,
+    blocked_linear,
+    column_blocks,
     fold_q_scale,
     fold_rows,
     half_split_order,
+    heads_first,
     linear,
+    mlp_blocks,
     norm,
     partial_tables,
     qk_column_index,
     rope,
     rope_factors,
     rope_tables,
+    unblock,
 )
 
 ROTARY_FAMILIES = ("llama", "mixtral", "qwen", "chatglm_v2")
@@ -230,6 +235,7 @@ class RotaryKernel(StepKernel):
                 w2, lw.ln2 = lw.ln2[0], (None, None)
                 lw.gate_up = [(fold_rows(w, w2), b) for w, b in lw.gate_up]
                 lw.router = None if lw.router is None else fold_rows(lw.router, w2)
+            lw.gate_up = [column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2)) for w, b in lw.gate_up]
 
     def _register(self) -> None:
         """Register every tensor (see :meth:`StepKernel._reg`); ``layers_w`` then holds names."""
@@ -248,18 +254,22 @@ class RotaryKernel(StepKernel):
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
+    def _swiglu(self, x: paddle.Tensor, gate_up: tuple, down: tuple) -> paddle.Tensor:
+        """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout."""
+        gu = blocked_linear(x, *self._wb(gate_up))  # [2n, rows, width]: n gate blocks, then n up blocks
+        n = gu.shape[0] // 2
+        return linear(unblock(F.silu(gu[:n]) * gu[n:], x), *self._wb(down))
+
     def _mlp(self, x: paddle.Tensor, lw: _Layer) -> paddle.Tensor:
         if lw.router is None:
-            gate, up = paddle.chunk(linear(x, *self._wb(lw.gate_up[0])), 2, axis=-1)
-            return linear(F.silu(gate) * up, *self._wb(lw.down[0]))
+            return self._swiglu(x, lw.gate_up[0], lw.down[0])
         probs = F.softmax(paddle.matmul(x, self._t(lw.router)).astype("float32"), axis=-1)  # [b, s, E]
         top, _ = paddle.topk(probs, self.top_k, axis=-1)
         weights = paddle.where(probs >= top[:, :, -1:], probs, paddle.zeros_like(probs))
         weights = weights / top.sum(axis=-1, keepdim=True)
         out = None
         for e, (gu, dn) in enumerate(zip(lw.gate_up, lw.down)):
-            gate, up = paddle.chunk(linear(x, *self._wb(gu)), 2, axis=-1)
-            y = linear(F.silu(gate) * up, *self._wb(dn)) * weights[:, :, e : e + 1]
+            y = self._swiglu(x, gu, dn) * weights[:, :, e : e + 1]
             out = y if out is None else out + y
         return out
 
@@ -284,8 +294,7 @@ class RotaryKernel(StepKernel):
             qk, v = paddle.split(qkv, [q_cols + kv_cols, kv_cols], axis=-1)
             qk = rope(paddle.reshape(qk, [0, 0, self.heads + self.kv_heads, self.head_dim]), cos, sin)
             q, k = paddle.split(qk, [self.heads, self.kv_heads], axis=2)
-            k = paddle.transpose(k, [0, 2, 1, 3])
-            v = paddle.transpose(paddle.reshape(v, [0, 0, self.kv_heads, self.head_dim]), [0, 2, 1, 3])
+            k, v = heads_first(k, self.kv_heads, self.head_dim), heads_first(v, self.kv_heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
             hidden = hidden + linear(ctx, *self._wb(lw.out))
             hidden = hidden + self._mlp(norm(hidden, *self._wb(lw.ln2), self.eps), lw)
