@@ -96,6 +96,35 @@ def test_long_prefill_in_query_blocks(family: str, monkeypatch: pytest.MonkeyPat
     assert create_engine(model, backend="fast").generate(batch, greedy(5)) == expected
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral", "bloom", "chatglm", "prefix-gpt"])
+def test_kv_buffers_grow_during_decode(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV buffers grow (forced every 3 columns here) while rows stop and leave the batch: same tokens
+    as the generic path, which keeps paddlenlp's own cache."""
+    import llm.infer.decoders.runner as runner_module
+
+    model = _prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
+    rng = np.random.RandomState(5)
+    batch = [rng.randint(5, EOS, size=n).tolist() for n in (4, 9, 2)]
+    generic = create_engine(model, backend="generic")
+    free = generic.generate(batch, greedy(20))
+    stop = free[0][7]  # ends (at least) the first row early
+    expected = generic.generate(batch, greedy(20, eos_token_ids=(stop,)))
+    monkeypatch.setattr(runner_module, "GROW", 3)
+    grown = []
+    real = KernelRunner._reserve
+
+    def spy(self, columns):
+        before = self.capacity
+        real(self, columns)
+        if before and self.capacity > before:
+            grown.append((before, self.capacity, len(self.keys[0])))
+
+    monkeypatch.setattr(KernelRunner, "_reserve", spy)
+    assert create_engine(model, backend="fast").generate(batch, greedy(20, eos_token_ids=(stop,))) == expected
+    assert len(grown) >= 5 and all(new - old == 3 for old, new, _ in grown)
+    assert min(rows for _, _, rows in grown) < len(batch)  # some growth happened after a row left
+
+
 def test_max_batch_size_splits_and_keeps_order() -> None:
     engine = create_engine(tiny("llama"), max_batch_size=2)
     rng = np.random.RandomState(4)

@@ -62,6 +62,18 @@ def test_static_sampling_beam_and_stops_equal_dynamic(tmp_path) -> None:
         assert static.generate(batch, cfg) == dynamic.generate(batch, cfg), cfg.decode_strategy
 
 
+def test_static_kv_buffers_grow(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growing KV buffers (every 4 columns here) are fed to the predictor as they grow."""
+    import llm.infer.decoders.runner as runner_module
+
+    model = tiny("chatglm_v2")
+    export_engine(model, str(tmp_path), max_seq_len=48)
+    monkeypatch.setattr(runner_module, "GROW", 4)
+    cfg = GenerationConfig(max_new_tokens=24)
+    expected = create_engine(model, backend="generic").generate(mixed_batch(), cfg)
+    assert load_static_engine(str(tmp_path)).generate(mixed_batch(), cfg) == expected
+
+
 @pytest.mark.parametrize("mkldnn", [True, "prefill"])
 def test_static_with_mkldnn_equals_dynamic(mkldnn, tmp_path) -> None:
     model = tiny("qwen")

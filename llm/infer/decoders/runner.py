@@ -1,7 +1,10 @@
 """The preallocated-cache runner shared by the dynamic fast path and the ``paddle.inference`` path.
 
-Per batch it allocates one ``[b, kv_heads, T, head_dim]`` key and value buffer per layer, with
-``T = prefix + longest prompt + max_new_tokens - 1``; the prefix (if any) fills the first ``P`` columns.
+Per batch it keeps one ``[b, kv_heads, C, head_dim]`` key and value buffer per layer; the prefix (if any)
+fills the first ``P`` columns. The capacity ``C`` starts at the prompt plus :data:`GROW` columns and grows
+by :data:`GROW` (one ``concat`` per buffer) up to ``prefix + longest prompt + max_new_tokens - 1``: every
+step attends over the whole buffer (free columns masked), so a buffer sized for the last step from the
+start would make early steps read up to twice the keys they need.
 Each call's new key/value entries go into the buffers in place at the next free column (all rows share
 the column because the batch is left padded): a *split* step function (the exported graph) returns them
 and the runner writes them; an *in-place* one (the dygraph kernels) writes them itself and attends over
@@ -22,6 +25,7 @@ Prefix = list[tuple[paddle.Tensor, paddle.Tensor]]
 # split:    (input_ids, positions, new_bias, past_bias, past_keypos, past_k, past_v) -> (logits, k_new, v_new)
 # in-place: (input_ids, positions, bias, keypos, keys, values, col, span) -> logits   (fn.inplace = True)
 StepFn = Callable[..., object]
+GROW = 32  # KV-buffer columns added at a time
 
 
 class KernelRunner:
@@ -59,6 +63,25 @@ class KernelRunner:
         self.keypos: np.ndarray | None = None
         self.next_pos: np.ndarray | None = None
         self.col = 0
+        self.capacity = 0
+
+    def _reserve(self, columns: int) -> None:
+        """Make room for ``columns`` buffer columns (grown :data:`GROW` at a time, never past the batch's
+        total)."""
+        assert self.valid is not None
+        total = self.valid.shape[1]
+        if columns <= self.capacity:
+            return
+        new = min(total, max(columns, self.capacity + GROW))
+        batch = self.valid.shape[0]
+        if self.capacity == 0:
+            self.keys = [self._zeros(batch, new) for _ in range(self.num_layers)]
+            self.values = [self._zeros(batch, new) for _ in range(self.num_layers)]
+        else:
+            pad = self._zeros(batch, new - self.capacity)
+            self.keys = [paddle.concat([t, pad], axis=2) for t in self.keys]
+            self.values = [paddle.concat([t, pad], axis=2) for t in self.values]
+        self.capacity = new
 
     def _zeros(self, batch: int, length: int) -> paddle.Tensor:
         return paddle.zeros([batch, self.kv_heads, length, self.head_dim], dtype=self.dtype)
@@ -75,10 +98,10 @@ class KernelRunner:
         batch, width = input_ids.shape
         prefix_len = self.prefix_len
         total = prefix_len + width + max(int(max_new_tokens) - 1, 0)
-        self.keys = [self._zeros(batch, total) for _ in range(self.num_layers)]
-        self.values = [self._zeros(batch, total) for _ in range(self.num_layers)]
         self.valid = np.zeros((batch, total), dtype=bool)
         self.keypos = np.zeros((batch, total), dtype=np.float32)
+        self.capacity = 0
+        self._reserve(prefix_len + width + 1)
         positions = prompt_positions(mask) + (prefix_len if self.after_prefix else 0)
         self.next_pos = positions[:, -1] + 1
         ids = input_ids.astype(np.int64)
@@ -119,25 +142,26 @@ class KernelRunner:
         """Decode one token per row against the whole buffer (free columns are masked)."""
         assert self.valid is not None and self.keypos is not None and self.next_pos is not None
         batch, col = len(tokens), self.col
+        self._reserve(col + 1)
         ids = tokens.reshape(batch, 1).astype(np.int64)
         positions = self.next_pos[:, None].copy()
         self.next_pos = self.next_pos + 1
+        valid, keypos = self.valid[:, : self.capacity], self.keypos[:, : self.capacity]
         if self.inplace:
-            self.valid[:, col] = True
-            self.keypos[:, col] = positions[:, 0]
-            bias = np.where(self.valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
-            total = self.valid.shape[1]
-            logits = self.step_fn(ids, positions, bias, self.keypos, self.keys, self.values, col, total)
+            valid[:, col] = True
+            keypos[:, col] = positions[:, 0]
+            bias = np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
+            logits = self.step_fn(ids, positions, bias, keypos, self.keys, self.values, col, self.capacity)
             self.col = col + 1
             return logits
-        past_bias = np.where(self.valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
+        past_bias = np.where(valid, 0.0, NEG).astype(np.float32)[:, None, None, :]
         new_bias = np.zeros((batch, 1, 1, 1), dtype=np.float32)
         logits, new_k, new_v = self.step_fn(
-            ids, positions, new_bias, past_bias, self.keypos, self.keys, self.values
+            ids, positions, new_bias, past_bias, keypos, self.keys, self.values
         )
         self._write(new_k, new_v, 1)
-        self.valid[:, col] = True
-        self.keypos[:, col] = positions[:, 0]
+        valid[:, col] = True
+        keypos[:, col] = positions[:, 0]
         return logits
 
     def select(self, rows: np.ndarray) -> None:
