@@ -164,7 +164,6 @@ def worker_transformers(weights: Path, reps: int) -> dict:
 
 
 def worker_toolkit(weights: Path, reps: int, mode: str) -> dict:
-    sys.path.insert(0, str(ROOT))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     import llm  # noqa: F401, I001  (zlib fix, MKL/OMP env before paddle)
 
