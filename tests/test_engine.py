@@ -125,6 +125,36 @@ def test_kv_buffers_grow_during_decode(family: str, monkeypatch: pytest.MonkeyPa
     assert min(rows for _, _, rows in grown) < len(batch)  # some growth happened after a row left
 
 
+@pytest.mark.parametrize("vocab", [1536, 1000])
+def test_blocked_head_and_gate_up_equal_plain_matmuls(vocab: int) -> None:
+    """The dygraph LM head in 768-column blocks (vocab padded or not) and the blocked gate/up projection
+    give the plain matmuls' results, for one row and for several."""
+    from llm.infer.decoders.base import (
+        StepKernel,
+        blocked_linear,
+        column_blocks,
+        mlp_blocks,
+        unblock,
+    )
+
+    paddle.seed(0)
+    head = paddle.randn([vocab, 32])  # stored [V, hidden] (transposed)
+    kernel = StepKernel()
+    kernel.register_buffer("lm_head", head)
+    kernel.enable_blocked_head("lm_head", True)
+    for rows in (1, 3):
+        last = paddle.randn([rows, 32])
+        got = kernel._logits(last, "lm_head", True)
+        assert got.shape == [rows, vocab]
+        np.testing.assert_allclose(got.numpy(), (last @ head.T).numpy(), rtol=1e-5, atol=1e-5)
+    assert [mlp_blocks(w) for w in (64, 1536, 4864, 11008)] == [1, 2, 4, 8]
+    weight, bias = paddle.randn([32, 3072]), paddle.randn([3072])
+    x = paddle.randn([2, 5, 32])
+    w_blocks, b_blocks = column_blocks(weight, bias, 4)
+    out = unblock(blocked_linear(x, w_blocks, b_blocks), x)
+    np.testing.assert_allclose(out.numpy(), (x @ weight + bias).numpy(), rtol=1e-5, atol=1e-4)
+
+
 def test_max_batch_size_splits_and_keeps_order() -> None:
     engine = create_engine(tiny("llama"), max_batch_size=2)
     rng = np.random.RandomState(4)

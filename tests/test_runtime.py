@@ -1,0 +1,45 @@
+"""Process defaults applied by ``import llm`` (llm/runtime.py): environment defaults that the user's
+environment overrides, and the glibc malloc tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import llm  # noqa: F401  (zlib fix before paddle)
+from llm import runtime
+
+PROBE = (
+    "import json, os, llm, paddle; print(json.dumps({"
+    "'stride': paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'], "
+    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE']}))"
+)
+
+
+def _probe(**env: str) -> dict:
+    unset = ("FLAGS_use_stride_kernel", "OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_defaults_are_set_before_paddle_loads() -> None:
+    got = _probe()
+    assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": "5"}
+
+
+def test_environment_values_win() -> None:
+    got = _probe(FLAGS_use_stride_kernel="1", OMP_NUM_THREADS="1", MKL_DEBUG_CPU_TYPE="0")
+    assert got == {"stride": True, "omp": "1", "mkl": "0"}
+
+
+def test_malloc_tuning_can_be_switched_off(monkeypatch) -> None:
+    monkeypatch.setenv("LLM_NO_MALLOPT", "1")
+    assert runtime.tune_malloc() is False
+    monkeypatch.delenv("LLM_NO_MALLOPT")
+    expected = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    assert runtime.tune_malloc() is expected
