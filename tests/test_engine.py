@@ -121,7 +121,7 @@ def test_kv_buffers_grow_during_decode(family: str, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(KernelRunner, "_reserve", spy)
     assert create_engine(model, backend="fast").generate(batch, greedy(20, eos_token_ids=(stop,))) == expected
-    assert len(grown) >= 5 and all(new - old == 3 for old, new, _ in grown)
+    assert len(grown) >= 5 and all(0 < new - old <= 3 for old, new, _ in grown)
     assert min(rows for _, _, rows in grown) < len(batch)  # some growth happened after a row left
 
 

@@ -101,7 +101,7 @@ class KernelRunner:
         self.valid = np.zeros((batch, total), dtype=bool)
         self.keypos = np.zeros((batch, total), dtype=np.float32)
         self.capacity = 0
-        self._reserve(prefix_len + width + 1)
+        self._reserve(prefix_len + width + GROW)
         positions = prompt_positions(mask) + (prefix_len if self.after_prefix else 0)
         self.next_pos = positions[:, -1] + 1
         ids = input_ids.astype(np.int64)
