@@ -69,6 +69,7 @@ def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str 
     if kernel.dtype_name != dtype:
         raise ConfigError(f"the model is {kernel.dtype_name}, but dtype={dtype!r} was asked for")
     kernel.eval()
+    kernel.enable_blocked_head(*kernel.head_layout())
     prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
     prefix_len = int(prefix[0][0].shape[2]) if prefix else 0
     limit = kernel.max_positions - (prefix_len if kernel.positions_after_prefix else 0)

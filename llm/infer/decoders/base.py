@@ -200,12 +200,16 @@ class StepState:
             self.new_bias = None
         else:
             self.new_bias = self._expand(new_bias)
+        if not self.inplace and not paddle.in_dynamic_mode():  # the graph's [b,1,1,T] past bias
+            rows = size_of(new_bias, 2) * groups
+            self.past_bias = paddle.expand(past_bias, [-1, kv_heads, rows, -1])
 
     def _expand(self, bias: paddle.Tensor) -> paddle.Tensor:
-        """Match a ``[b,1,s,T]`` bias to the scores' ``[b,kv,g*s,T]`` rows. In dygraph it is materialised
-        once per call: a broadcasting add costs ~120 us per layer at batch 16, a same-shape one ~4 us."""
+        """Match a ``[b,1,s,T]`` bias to the scores' ``[b,kv,g*s,T]`` rows, materialised once per call: a
+        broadcasting add costs ~120 us per layer at batch 16, a same-shape one ~4 us."""
         if not paddle.in_dynamic_mode():
-            return paddle.tile(bias, [1, 1, self.groups, 1]) if self.groups > 1 else bias
+            bias = paddle.tile(bias, [1, 1, self.groups, 1]) if self.groups > 1 else bias
+            return paddle.expand(bias, [-1, self.kv_heads, -1, -1])
         rows = bias.shape[2]
         if rows > 1 and self.groups > 1:  # causal rows must follow q's [g, s] row order
             bias = paddle.tile(bias, [1, 1, self.groups, 1])
@@ -261,14 +265,13 @@ def rope(x: paddle.Tensor, cos: paddle.Tensor, sin_signed: paddle.Tensor) -> pad
 def rope_factors(
     positions: paddle.Tensor, cos_table: paddle.Tensor, sin_table: paddle.Tensor, heads: int
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """``cos``/``sin`` rows for ``positions [b, s]`` as ``[b, s, 1, d]``; in dygraph they are expanded to
-    ``[b, s, heads, d]`` once per call, so every layer's RoPE multiplies same-shape tensors (paddle's CPU
-    kernels broadcasting over a middle axis are ~20x slower: 64 us instead of 3 us at batch 16)."""
-    cos = paddle.unsqueeze(F.embedding(positions, cos_table), 2)
-    sin = paddle.unsqueeze(F.embedding(positions, sin_table), 2)
+    """``cos``/``sin`` rows for ``positions [b, s]`` expanded to ``[b, s, heads, d]`` once per call, so every
+    layer's RoPE multiplies same-shape tensors (paddle's CPU kernels broadcasting over a middle axis are
+    ~20x slower: 64 us instead of 3 us at batch 16)."""
+    cos = paddle.expand(paddle.unsqueeze(F.embedding(positions, cos_table), 2), [-1, -1, heads, -1])
+    sin = paddle.expand(paddle.unsqueeze(F.embedding(positions, sin_table), 2), [-1, -1, heads, -1])
     if paddle.in_dynamic_mode():
-        cos = paddle.expand(cos, [-1, -1, heads, -1]).contiguous()
-        sin = paddle.expand(sin, [-1, -1, heads, -1]).contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
     return cos, sin
 
 
@@ -347,12 +350,13 @@ class StepKernel(paddle.nn.Layer):
         return self._t(names[0]), self._t(names[1])
 
     def enable_blocked_head(self, name: str, transposed: bool, block: int = HEAD_BLOCK) -> None:
-        """Keep a dygraph copy of the LM head as ``[n, hidden, block]`` column blocks (vocab zero-padded to
-        ``n * block``); :meth:`_logits` then runs one batched matmul over the blocks.
+        """Add a copy of the LM head as ``[n, hidden, block]`` column blocks (vocab zero-padded to
+        ``n * block``, buffer ``lm_head_blocks``); :meth:`_logits` then runs one batched matmul over the blocks
+        (the exported graph too, which then stores the blocked copy instead of the head).
 
         Measured on this CPU (hidden 576, vocab 49152, head not in cache): 16 rows 12.3 ms through a
         ``[V, hidden]`` head (``transpose_y``) and 17.2 ms through ``[hidden, V]``, 6.3 ms blocked; one row
-        4.3 ms / 8.5 ms / 4.0 ms. The static graph keeps the original head.
+        4.3 ms / 8.5 ms / 4.0 ms.
         """
         head = self._t(name)
         if transposed:
@@ -362,19 +366,20 @@ class StepKernel(paddle.nn.Layer):
         if blocks * block > vocab:
             head = paddle.concat([head, paddle.zeros([hidden, blocks * block - vocab], head.dtype)], axis=1)
         blocked = paddle.transpose(paddle.reshape(head, [hidden, blocks, block]), [1, 0, 2])
-        self.__dict__["_blocked_head"] = (blocked.contiguous(), vocab)
+        self.register_buffer("lm_head_blocks", blocked.contiguous(), persistable=True)
+        self.__dict__["_head_vocab"] = vocab
 
     def _logits(self, last: paddle.Tensor, name: str, transposed: bool) -> paddle.Tensor:
-        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked twin)."""
-        blocked = self.__dict__.get("_blocked_head")
-        if blocked is None or not paddle.in_dynamic_mode():
+        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked copy)."""
+        vocab = self.__dict__.get("_head_vocab")
+        if vocab is None:
             return paddle.matmul(last, self._t(name), transpose_y=transposed)
-        head, vocab = blocked
+        head = self._t("lm_head_blocks")
         out = paddle.matmul(paddle.unsqueeze(last, 0), head)  # [n, b, block]
-        if last.shape[0] > 1:
+        if not (paddle.in_dynamic_mode() and last.shape[0] == 1):
             out = paddle.transpose(out, [1, 0, 2])
-        out = paddle.reshape(out, [last.shape[0], -1])
-        return out if out.shape[1] == vocab else out[:, :vocab]
+        out = paddle.reshape(out, [-1, head.shape[0] * head.shape[2]])
+        return out if head.shape[0] * head.shape[2] == vocab else out[:, :vocab]
 
     def prefix_cache(self, prefix_model: Any, batch: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
         """The prefix as ``[(k, v)]`` per layer, each ``[batch, kv_heads, P, head_dim]`` in kernel layout."""
