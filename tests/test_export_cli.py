@@ -223,6 +223,8 @@ def test_scripts_in_one_interpreter(setup: dict[str, Path]) -> None:
                 "48",
                 "--max_length",
                 "16",
+                "--model_prefix",
+                "llama_px",
             ],
             0,
             "exported static model",
@@ -234,6 +236,18 @@ def test_scripts_in_one_interpreter(setup: dict[str, Path]) -> None:
             "**Output**",
         ),
         # one-line errors
+        (
+            PREDICTOR,
+            ["--model_name_or_path", px_out, "--mode", "static", "--model_prefix", "other", *gen],
+            2,
+            "was exported with model_prefix 'llama_px', not 'other'; pass --model_prefix llama_px",
+        ),
+        (
+            EXPORT,
+            ["--model_name_or_path", s["model"], "--output_path", str(root / "x"), "--model_prefix", "a/b"],
+            2,
+            "model_prefix must be a plain file stem such as 'model', got 'a/b'",
+        ),
         (
             PREDICTOR,
             [

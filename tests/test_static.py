@@ -74,6 +74,24 @@ def test_static_kv_buffers_grow(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
     assert load_static_engine(str(tmp_path)).generate(mixed_batch(), cfg) == expected
 
 
+def test_model_prefix_names_the_static_files(tmp_path) -> None:
+    model = tiny("gpt")
+    export_engine(model, str(tmp_path), max_seq_len=32, model_prefix="gpt_step")
+    assert {"gpt_step.pdmodel", "gpt_step.pdiparams"} <= set(os.listdir(tmp_path))
+    assert "model.pdmodel" not in os.listdir(tmp_path)
+    cfg = GenerationConfig(max_new_tokens=5)
+    expected = create_engine(model).generate(mixed_batch(), cfg)
+    for prefix in ("gpt_step", None, "model"):  # the stem is read from engine.json; the default defers to it
+        assert load_static_engine(str(tmp_path), model_prefix=prefix).generate(mixed_batch(), cfg) == expected
+    with pytest.raises(ConfigError, match="exported with model_prefix 'gpt_step', not 'other'"):
+        load_static_engine(str(tmp_path), model_prefix="other")
+    (tmp_path / "gpt_step.pdiparams").unlink()
+    with pytest.raises(ModelError, match="missing gpt_step.pdiparams"):
+        load_static_engine(str(tmp_path))
+    with pytest.raises(ConfigError, match="plain file stem"):
+        export_engine(model, str(tmp_path / "x"), max_seq_len=32, model_prefix="../up")
+
+
 @pytest.mark.parametrize("mkldnn", [True, "prefill"])
 def test_static_with_mkldnn_equals_dynamic(mkldnn, tmp_path) -> None:
     model = tiny("qwen")

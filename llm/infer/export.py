@@ -20,26 +20,19 @@ from llm.fileio import staged_dir, try_read_json, write_json
 from llm.infer.arguments import ExportArgument, ModelArgument, PredictorArgument
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-STATIC_FILES = (
-    "model.pdmodel",
-    "model.pdiparams",
-    "engine.json",
-)  # written by llm.infer.static.export_engine
 EXPORT_INFO = "export_info.json"  # the export-time src_length/max_length: static predict defaults
 
 
-def check_model_prefix(prefix: str) -> None:
-    """The static engine always uses the file stem ``model``; anything else is a clear error."""
-    if prefix != "model":
-        raise ConfigError(
-            f"model_prefix {prefix!r} is not supported: the static engine reads and writes model.pdmodel / "
-            "model.pdiparams; leave --model_prefix unset"
-        )
+def check_static_dir(path: str, model_prefix: str = "model") -> None:
+    """Raise one :class:`ModelError` listing what an exported directory lacks.
 
+    The static files' stem is the one recorded in ``engine.json`` (``model_prefix`` when there is none).
+    """
+    from llm.infer.static import META_FILE
 
-def check_static_dir(path: str) -> None:
-    """Raise one :class:`ModelError` listing what an exported directory lacks."""
-    missing = [n for n in ("config.json", *STATIC_FILES) if not os.path.isfile(os.path.join(path, n))]
+    stem = try_read_json(os.path.join(path, META_FILE)).get("model_prefix", model_prefix)
+    names = ("config.json", f"{stem}.pdmodel", f"{stem}.pdiparams", META_FILE)
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
     if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
         missing.append("tokenizer files")
     if missing:
@@ -62,7 +55,7 @@ def export(args: PredictorArgument, output_path: str) -> str:
     path = require_model_dir(args.model_name_or_path)
     if args.mode == "static":
         raise ConfigError("export_model.py exports a dynamic model; drop --mode static")
-    check_model_prefix(args.model_prefix)
+    static.check_stem(args.model_prefix)
     set_device(args.device)
     tokenizer, model, src_length, max_length, dtype = load_dynamic(args, path)
 
@@ -70,7 +63,9 @@ def export(args: PredictorArgument, output_path: str) -> str:
     if os.path.lexists(output_path) and not os.path.isdir(output_path):
         raise ConfigError(f"output_path {output_path} exists and is not a directory")
     with staged_dir(output_path) as tmp:  # an existing output directory is replaced
-        static.export_engine(model, tmp, max_seq_len=src_length + max_length, dtype=dtype)
+        static.export_engine(
+            model, tmp, max_seq_len=src_length + max_length, dtype=dtype, model_prefix=args.model_prefix
+        )
         model.config.save_pretrained(tmp)
         generation = os.path.join(path, "generation_config.json")
         if os.path.isfile(generation):
@@ -85,7 +80,7 @@ def export(args: PredictorArgument, output_path: str) -> str:
             "prefix_path": args.prefix_path,
         }
         write_json(os.path.join(tmp, EXPORT_INFO), info)
-        check_static_dir(tmp)
+        check_static_dir(tmp, args.model_prefix)
     print(f"exported static model to {output_path} (max_seq_len={src_length + max_length}, dtype={dtype})")
     return output_path
 

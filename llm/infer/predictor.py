@@ -129,7 +129,7 @@ class Predictor:
     @classmethod
     def _from_static(cls, args: PredictorArgument, path: str) -> Predictor:
         """An exported directory: lengths default to the export's and must fit its ``max_seq_len``."""
-        from llm.infer.export import check_model_prefix, check_static_dir, read_export_info
+        from llm.infer.export import check_static_dir, read_export_info
         from llm.infer.static import load_static_engine
         from llm.tokenizer import load_tokenizer
 
@@ -138,11 +138,13 @@ class Predictor:
                 "--lora_path/--prefix_path work in dynamic mode only; pass them to export_model.py instead "
                 "(LoRA is merged and the prefix is stored at export time)"
             )
-        check_model_prefix(args.model_prefix)
-        check_static_dir(path)
+        check_static_dir(path, args.model_prefix)
         tokenizer = load_tokenizer(path, chat_template=args.chat_template)
         engine = load_static_engine(
-            path, device=args.device or default_device(), max_batch_size=args.batch_size
+            path,
+            device=args.device or default_device(),
+            max_batch_size=args.batch_size,
+            model_prefix=args.model_prefix,
         )
         info = read_export_info(path)
         src_length, max_length = args.src_length, args.max_length

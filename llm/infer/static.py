@@ -4,7 +4,7 @@
 ``paddle.jit.to_static`` -- one program serves prefill and decode: token ids, positions, attention biases
 and the past KV cache in, last-position logits and the step's new KV entries out, batch and sequence
 dimensions dynamic -- and saves ``model.pdmodel``/``model.pdiparams`` plus ``engine.json`` (inputs,
-outputs, geometry) and, for a prefix-tuned model, ``prefix_cache.npz``. :func:`load_static_engine` wraps
+outputs, geometry, file stem) and, for a prefix-tuned model, ``prefix_cache.npz``. :func:`load_static_engine` wraps
 a ``paddle.inference`` predictor in the same :class:`~llm.infer.decoders.runner.KernelRunner` the dynamic
 fast path uses (KV buffers are handed to the predictor zero-copy), so the decode loop, sampling and
 stopping are shared. All nine families export; a model outside a kernel's supported configuration (e.g.
@@ -27,7 +27,7 @@ from llm.infer.decoders import FAST_FAMILIES, build_kernel
 from llm.infer.decoders.runner import KernelRunner, StepFn
 from llm.infer.engine import Engine
 
-MODEL_STEM = "model"
+MODEL_STEM = "model"  # default file stem (``model_prefix``)
 META_FILE = "engine.json"
 PREFIX_FILE = "prefix_cache.npz"
 FORMAT_VERSION = 1
@@ -51,10 +51,26 @@ def _input_specs(kernel: Any, dtype: str) -> list[paddle.static.InputSpec]:
     ]
 
 
-def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str = "float32") -> None:
-    """Export ``model`` (CausalLM with LoRA merged, or a ``PrefixModel``) for :func:`load_static_engine`."""
+def check_stem(stem: str) -> str:
+    """``stem`` if it is a plain file stem (no directory part, no extension), else :class:`ConfigError`."""
+    if (
+        not stem
+        or os.path.basename(stem) != stem
+        or stem in (".", "..")
+        or stem.endswith((".pdmodel", ".json"))
+    ):
+        raise ConfigError(f"model_prefix must be a plain file stem such as 'model', got {stem!r}")
+    return stem
+
+
+def export_engine(
+    model: Any, output_path: str, *, max_seq_len: int, dtype: str = "float32", model_prefix: str = MODEL_STEM
+) -> None:
+    """Export ``model`` (CausalLM with LoRA merged, or a ``PrefixModel``) for :func:`load_static_engine`
+    as ``{model_prefix}.pdmodel`` / ``.pdiparams`` + ``engine.json``."""
     from llm.model import family_of
 
+    check_stem(model_prefix)
     family = family_of(model).name
     if dtype != "float32":
         raise ConfigError(f"static export supports dtype float32 on CPU, got {dtype!r}")
@@ -79,7 +95,7 @@ def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str 
     specs = _input_specs(kernel, dtype)
     static_kernel = paddle.jit.to_static(kernel, input_spec=specs, full_graph=True)
     feeds = [s for s in specs[:-1] if s.name != "past_keypos" or kernel.uses_keypos] + specs[-1]
-    paddle.jit.save(static_kernel, os.path.join(output_path, MODEL_STEM), input_spec=feeds)
+    paddle.jit.save(static_kernel, os.path.join(output_path, model_prefix), input_spec=feeds)
     if prefix:
         arrays = {
             f"{kind}_{i}": t.numpy() for i, (k, v) in enumerate(prefix) for kind, t in (("k", k), ("v", v))
@@ -88,6 +104,7 @@ def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str 
     meta = {
         "format_version": FORMAT_VERSION,
         "family": family,
+        "model_prefix": model_prefix,
         "dtype": dtype,
         "max_seq_len": int(max_seq_len),
         "prefix_len": prefix_len,
@@ -100,27 +117,39 @@ def export_engine(model: Any, output_path: str, *, max_seq_len: int, dtype: str 
         json.dump(meta, fh, indent=2)
 
 
-def read_meta(path: str) -> dict[str, Any]:
-    """``engine.json`` of an exported directory (:class:`ModelError` when it is missing or foreign)."""
+def read_meta(path: str, model_prefix: str | None = None) -> dict[str, Any]:
+    """``engine.json`` of an exported directory, its model files checked (:class:`ModelError` when missing).
+
+    The file stem comes from ``engine.json``; ``model_prefix`` (if given and not the default ``model``)
+    must match it.
+    """
     meta_file = os.path.join(path, META_FILE)
-    model_file = os.path.join(path, MODEL_STEM + ".pdmodel")
-    if not os.path.isfile(meta_file) or not os.path.isfile(model_file):
-        raise ModelError(
-            f"{path}: not an exported engine (expected {META_FILE}, {MODEL_STEM}.pdmodel and "
-            f"{MODEL_STEM}.pdiparams written by export_engine)"
-        )
+    if not os.path.isfile(meta_file):
+        raise ModelError(f"{path}: not an exported engine (no {META_FILE}; create it with export_model.py)")
     with open(meta_file, encoding="utf-8") as fh:
         meta = json.load(fh)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{meta_file}: unsupported format_version {meta.get('format_version')!r}")
+    stem = meta.setdefault("model_prefix", MODEL_STEM)
+    if model_prefix not in (None, MODEL_STEM, stem):
+        raise ConfigError(
+            f"{path} was exported with model_prefix {stem!r}, not {model_prefix!r}; pass --model_prefix {stem} "
+            "or leave it unset"
+        )
+    missing = [
+        stem + ext for ext in (".pdmodel", ".pdiparams") if not os.path.isfile(os.path.join(path, stem + ext))
+    ]
+    if missing:
+        raise ModelError(f"{path}: exported engine incomplete, missing {', '.join(missing)}")
     return meta
 
 
-def make_predictor(path: str, *, mkldnn: bool = False, threads: int | None = None) -> Any:
+def make_predictor(
+    path: str, *, mkldnn: bool = False, threads: int | None = None, model_prefix: str = MODEL_STEM
+) -> Any:
     """A CPU ``paddle.inference`` predictor for ``path`` (oneDNN only when ``mkldnn``)."""
-    config = inference.Config(
-        os.path.join(path, MODEL_STEM + ".pdmodel"), os.path.join(path, MODEL_STEM + ".pdiparams")
-    )
+    stem = os.path.join(path, model_prefix)
+    config = inference.Config(stem + ".pdmodel", stem + ".pdiparams")
     config.disable_gpu()
     config.disable_glog_info()
     config.switch_ir_optim(True)
@@ -178,26 +207,33 @@ def predictor_step_fn(predictor: Any, meta: dict[str, Any], prefill_predictor: A
 
 
 def load_static_engine(
-    path: str, *, device: str = "cpu", max_batch_size: int = 8, mkldnn: bool | str | None = None
+    path: str,
+    *,
+    device: str = "cpu",
+    max_batch_size: int = 8,
+    mkldnn: bool | str | None = None,
+    model_prefix: str | None = None,
 ) -> Engine:
     """An :class:`Engine` over an :func:`export_engine` directory, run by ``paddle.inference``.
 
     ``mkldnn``: ``False`` (plain CPU kernels), ``True`` (oneDNN for every call) or ``"prefill"`` (a second,
-    oneDNN predictor for the prompt; measured here ~1.5x faster prefill, while oneDNN decode steps are
-    slower than plain ones; costs a second copy of the weights). ``None`` reads ``LLM_STATIC_MKLDNN``
-    (``0``/``1``/``prefill``), default ``False``.
+    oneDNN predictor for the prompt, for a faster prefill, while oneDNN decode steps are slower than
+    plain ones; costs a second copy of the weights). ``None`` reads ``LLM_STATIC_MKLDNN``
+    (``0``/``1``/``prefill``), default ``False``. The file stem is read from ``engine.json`` (see
+    :func:`read_meta` for ``model_prefix``).
     """
     if device != "cpu":
         raise ConfigError(
             f"the static engine runs on cpu only here (paddle is a CPU build), got device={device!r}"
         )
-    meta = read_meta(path)
+    meta = read_meta(path, model_prefix)
+    stem = meta["model_prefix"]
     if mkldnn is None:
         mkldnn = {"1": True, "prefill": "prefill"}.get(os.environ.get("LLM_STATIC_MKLDNN", "0"), False)
     if mkldnn not in (True, False, "prefill"):
         raise ConfigError(f"mkldnn must be True, False or 'prefill', got {mkldnn!r}")
-    predictor = make_predictor(path, mkldnn=mkldnn is True)
-    prefill_predictor = make_predictor(path, mkldnn=True) if mkldnn == "prefill" else None
+    predictor = make_predictor(path, mkldnn=mkldnn is True, model_prefix=stem)
+    prefill_predictor = make_predictor(path, mkldnn=True, model_prefix=stem) if mkldnn == "prefill" else None
     prefix = None
     if int(meta.get("prefix_len", 0)):
         data = np.load(os.path.join(path, PREFIX_FILE))
