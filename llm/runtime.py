@@ -18,8 +18,8 @@ Every setting is a default: values already in the environment win.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's upper limit for this setting on 64-bit systems
@@ -37,12 +37,8 @@ def tune_malloc() -> bool:
     """Raise glibc's mmap/trim thresholds (see the module docstring); False where there is no glibc."""
     if os.environ.get("LLM_NO_MALLOPT") == "1" or not os.name == "posix":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc symbols
     except (OSError, AttributeError):  # musl / macOS: no mallopt
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
@@ -54,5 +50,8 @@ def apply() -> None:
     """Set the environment defaults and tune ``malloc`` (idempotent)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_count()))
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    os.environ.setdefault("FLAGS_use_stride_kernel", "0")
+    if "FLAGS_use_stride_kernel" not in os.environ:
+        os.environ["FLAGS_use_stride_kernel"] = "0"
+        if "paddle" in sys.modules:  # imported before llm: the flag was read already, set it directly
+            sys.modules["paddle"].set_flags({"FLAGS_use_stride_kernel": False})
     tune_malloc()

@@ -12,17 +12,21 @@ import llm  # noqa: F401  (zlib fix before paddle)
 from llm import runtime
 
 PROBE = (
-    "import json, os, llm, paddle; print(json.dumps({"
+    "import json, os, {first}, {second}; print(json.dumps({{"
     "'stride': paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'], "
-    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE']}))"
+    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE']}}))"
 )
 
 
-def _probe(**env: str) -> dict:
+def _probe(order: tuple[str, str] = ("llm", "paddle"), **env: str) -> dict:
     unset = ("FLAGS_use_stride_kernel", "OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")
     clean = {k: v for k, v in os.environ.items() if k not in unset}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE.format(first=order[0], second=order[1])],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -30,6 +34,10 @@ def _probe(**env: str) -> dict:
 def test_defaults_are_set_before_paddle_loads() -> None:
     got = _probe()
     assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": "5"}
+
+
+def test_stride_default_applies_when_paddle_was_imported_first() -> None:
+    assert _probe(("paddle", "llm"))["stride"] is False
 
 
 def test_environment_values_win() -> None:
