@@ -211,6 +211,29 @@ def test_top_k_top_p_filters_match_paddlenlp() -> None:
         np.testing.assert_allclose(top_p_filter(probs, p), ref, atol=1e-7)
 
 
+def test_head_first_filters_equal_whole_row_sorts() -> None:
+    """top-k / top-p look at each row's high-probability head first; the cut must be the one a stable
+    sort (partition) of the whole row gives: peaked, flat, tied and underflowing rows."""
+    from llm.infer.sampling import _top_k_sorted, _top_p_sorted, softmax
+
+    rng = np.random.RandomState(0)
+    checked = 0
+    for trial in range(120):
+        vocab = int(rng.choice([7, 300, 5000]))
+        logits = rng.randn(3, vocab) * float(rng.choice([0.01, 1.0, 4.0, 40.0]))
+        if trial % 3 == 0:
+            logits = np.round(logits)  # ties, also at the cut
+        probs = softmax(logits.astype(np.float32))
+        for top_p in (0.05, 0.5, 0.7, 0.95, 1 - 1e-12):
+            assert np.array_equal(top_p_filter(probs, top_p), _top_p_sorted(probs, top_p))
+            checked += 1
+        for top_k in (1, 3, 40, 299):
+            if top_k < vocab:
+                assert np.array_equal(top_k_filter(probs, top_k), _top_k_sorted(probs, top_k))
+                checked += 1
+    assert checked > 900
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt"])
 def test_repetition_penalty_matches_paddlenlp(family: str) -> None:
     model = tiny(family)
