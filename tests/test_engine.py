@@ -234,6 +234,19 @@ def test_head_first_filters_equal_whole_row_sorts() -> None:
     assert checked > 900
 
 
+def test_top_indices_equal_a_stable_sort() -> None:
+    from llm.infer.sampling import top_indices
+
+    rng = np.random.RandomState(1)
+    for trial in range(60):
+        scores = rng.randn(3, int(rng.choice([5, 40, 3000]))).astype(np.float32)
+        if trial % 2:
+            scores = np.round(scores * 2) / 2  # many ties, also at the cut
+        for count in (1, 4, 9, 7000):
+            expected = np.argsort(-scores, axis=-1, kind="stable")[:, :count]
+            assert np.array_equal(top_indices(scores, count), expected)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt"])
 def test_repetition_penalty_matches_paddlenlp(family: str) -> None:
     model = tiny(family)

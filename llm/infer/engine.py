@@ -21,6 +21,7 @@ from llm.infer.sampling import (
     apply_repetition_penalty,
     log_softmax,
     seen_matrix,
+    top_indices,
 )
 
 NEG_INF = -1e9
@@ -193,7 +194,7 @@ class Engine:
                 if seen is not None:
                     logp = apply_repetition_penalty(logp, seen, float(config.repetition_penalty))
                 cand = (logp + scores[:, None]).reshape(batch, beams * vocab)
-                top = np.argsort(-cand, axis=-1, kind="stable")[:, : 2 * beams + len(stop)]
+                top = top_indices(cand, 2 * beams + len(stop))
                 next_scores = np.zeros(batch * beams, dtype=np.float32)
                 next_tokens = np.full(batch * beams, int(config.pad_token_id), dtype=np.int64)
                 next_rows = np.arange(batch * beams, dtype=np.int64)

@@ -108,6 +108,20 @@ def _head(row: np.ndarray) -> np.ndarray:
     return np.flatnonzero(row > row.max() * HEAD_RATIO)
 
 
+def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
+    """``[rows, count]`` column indices of each row's largest ``scores``, by descending score and then
+    ascending index: ``np.argsort(-scores, kind="stable")[:, :count]`` without sorting whole rows."""
+    width = scores.shape[-1]
+    if count >= width:
+        return np.argsort(-scores, axis=-1, kind="stable")
+    kth = np.partition(scores, width - count, axis=-1)[:, width - count]
+    out = np.empty((len(scores), count), dtype=np.int64)
+    for row, (values, threshold) in enumerate(zip(scores, kth)):
+        idx = np.flatnonzero(values >= threshold)  # the top `count` and every tie at the threshold
+        out[row] = idx[np.argsort(-values[idx], kind="stable")[:count]]
+    return out
+
+
 def _top_k_sorted(probs: np.ndarray, top_k: int) -> np.ndarray:
     """:func:`top_k_filter` by partitioning whole rows (the reference)."""
     vocab = probs.shape[-1]
