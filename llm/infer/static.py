@@ -3,11 +3,11 @@
 :func:`export_engine` converts the family's fast step kernel (:mod:`llm.infer.decoders`) with
 ``paddle.jit.to_static`` -- one program serves prefill and decode: token ids, positions, attention biases
 and the past KV cache in, last-position logits and the step's new KV entries out, batch and sequence
-dimensions dynamic -- and saves ``model.pdmodel``/``model.pdiparams`` plus ``engine.json`` (inputs,
-outputs, geometry, file stem) and, for a prefix-tuned model, ``prefix_cache.npz``. :func:`load_static_engine` wraps
-a ``paddle.inference`` predictor in the same :class:`~llm.infer.decoders.runner.KernelRunner` the dynamic
-fast path uses (KV buffers are handed to the predictor zero-copy), so the decode loop, sampling and
-stopping are shared. All nine families export; a model outside a kernel's supported configuration (e.g.
+dimensions dynamic -- and saves ``{model_prefix}.pdmodel``/``.pdiparams`` (default stem ``model``) plus
+``engine.json`` (inputs, outputs, geometry, file stem) and, for a prefix-tuned model, ``prefix_cache.npz``.
+:func:`load_static_engine` wraps a ``paddle.inference`` predictor in the same
+:class:`~llm.infer.decoders.runner.KernelRunner` the dynamic fast path uses (KV buffers are handed to the
+predictor zero-copy), so the decode loop, sampling and stopping are shared. All nine families export; a model outside a kernel's supported configuration (e.g.
 llama with ALiBi) is refused with :class:`ModelError`.
 """
 
