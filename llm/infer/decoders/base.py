@@ -314,6 +314,9 @@ class StepKernel(paddle.nn.Layer):
     family: str = ""
     positions_after_prefix: bool = False  # positions/ALiBi continue after a prefix (gpt, opt, bloom)
     uses_keypos: bool = False  # reads ``past_keypos`` (ALiBi)
+    # how the family's prefix cache maps to ``[b, kv, P, d]`` (None: already that layout)
+    prefix_perm: tuple[int, ...] | None = (0, 2, 1, 3)  # paddlenlp's usual ``[b, P, kv, d]``
+    dim_order: np.ndarray | None = None  # per-head key column order the kernel uses (ChatGLM families)
 
     num_layers: int
     kv_heads: int
@@ -381,9 +384,24 @@ class StepKernel(paddle.nn.Layer):
         out = paddle.reshape(out, [-1, head.shape[0] * head.shape[2]])
         return out if head.shape[0] * head.shape[2] == vocab else out[:, :vocab]
 
-    def prefix_cache(self, prefix_model: Any, batch: int) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
-        """The prefix as ``[(k, v)]`` per layer, each ``[batch, kv_heads, P, head_dim]`` in kernel layout."""
-        raise NotImplementedError
+    def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
+        """The prefix as ``[(k, v)]`` per layer, each ``[batch, kv_heads, P, head_dim]`` in kernel layout
+        (:attr:`prefix_perm` applied, keys in :attr:`dim_order`)."""
+        with paddle.no_grad():
+            past = prefix_model._get_past_key_values(batch)
+        order = None if self.dim_order is None else paddle.to_tensor(self.dim_order)
+        out = []
+        for item in past:
+            k, v = (item.k, item.v) if hasattr(item, "k") else (item[0], item[1])  # opt: a Cache tuple
+            if self.prefix_perm is not None:
+                k, v = (
+                    paddle.transpose(k, list(self.prefix_perm)),
+                    paddle.transpose(v, list(self.prefix_perm)),
+                )
+            if order is not None:
+                k = paddle.index_select(k, order, axis=3)
+            out.append((k.astype(self.dtype_name), v.astype(self.dtype_name)))
+        return out
 
     def head_layout(self) -> tuple[str, bool]:
         """``(buffer name, transposed)`` of the LM head (``transposed``: stored ``[V, hidden]``)."""

@@ -42,6 +42,7 @@ class ChatGLMKernel(StepKernel):
     """Step kernel for chatglm (v1)."""
 
     family = "chatglm"
+    prefix_perm = (1, 2, 0, 3)  # its prefix caches are [P, b, h, d]
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -131,16 +132,3 @@ class ChatGLMKernel(StepKernel):
     def head_layout(self) -> tuple[str, bool]:
         """The tied LM head, stored ``[V, hidden]``."""
         return self.w_head, True
-
-    def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
-        """Prefix ``[P, b, h, d]`` caches -> ``[b, h, P, d]`` with the key column order applied."""
-        with paddle.no_grad():
-            past = prefix_model._get_past_key_values(batch)
-        order = paddle.to_tensor(self.dim_order)
-        out = []
-        for k, v in past:
-            k, v = paddle.transpose(k, [1, 2, 0, 3]), paddle.transpose(v, [1, 2, 0, 3])
-            out.append(
-                (paddle.index_select(k, order, axis=3).astype(self.dtype_name), v.astype(self.dtype_name))
-            )
-        return out

@@ -76,6 +76,8 @@ class ClassicKernel(StepKernel):
         self.eps = 1e-5
         self.pos_offset = 0
         self.uses_keypos = self.family == "bloom"
+        if self.family == "opt":  # opt's prefix Cache is already [b, h, P, d] (gpt/bloom: [b, P, h, d])
+            self.prefix_perm = None
         t: dict[str, Any] = {"pos": None, "proj_in": None, "proj_out": None, "emb_ln": None, "final": None}
         getattr(self, f"_load_{self.family}")(model, cfg, t)
         self.num_layers = len(self.blocks)
@@ -258,15 +260,3 @@ class ClassicKernel(StepKernel):
     def head_layout(self) -> tuple[str, bool]:
         """The (tied) LM head, usually stored ``[V, hidden]``."""
         return self.w["head"], self.head_transposed
-
-    def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
-        """Prefix key/values in kernel layout ``[batch, heads, P, d]``."""
-        with paddle.no_grad():
-            past = prefix_model._get_past_key_values(batch)
-        out = []
-        for item in past:
-            k, v = (item.k, item.v) if hasattr(item, "k") else (item[0], item[1])
-            if self.family != "opt":  # gpt/bloom caches are [b, P, h, d]; opt's Cache is [b, h, P, d]
-                k, v = paddle.transpose(k, [0, 2, 1, 3]), paddle.transpose(v, [0, 2, 1, 3])
-            out.append((k.astype(self.dtype_name), v.astype(self.dtype_name)))
-        return out

@@ -79,7 +79,6 @@ class RotaryKernel(StepKernel):
         if self.family not in ROTARY_FAMILIES:
             raise ModelError(f"no rotary kernel for family '{self.family}'")
         self.config = model.config
-        self.dim_order: np.ndarray | None = None
         getattr(self, f"_load_{self.family}")(model)
         self.vocab_size = int(self._head.shape[-1])
         self.dtype_name = str(self._embed.dtype).replace("paddle.", "")
@@ -200,6 +199,7 @@ class RotaryKernel(StepKernel):
         self._cos, self._sin = partial_tables(cache[..., 0], cache[..., 1], self.head_dim)
         self.max_positions = limit
         self.dim_order = half_split_order(self.head_dim, np.arange(0, rot_dim, 2), np.arange(1, rot_dim, 2))
+        self.prefix_perm = (1, 2, 0, 3)  # its prefix caches are [P, b, kv, d]
         index = qk_column_index(self.heads, self.kv_heads, self.head_dim, self.dim_order)
         layers = []
         for blk in base.encoder.layers:
@@ -306,18 +306,3 @@ class RotaryKernel(StepKernel):
     def head_layout(self) -> tuple[str, bool]:
         """The LM head is stored ``[hidden, V]``."""
         return self.w_head, False
-
-    # ------------------------------------------------------------------------------------------
-    def prefix_cache(self, prefix_model: Any, batch: int = 1) -> list[tuple[paddle.Tensor, paddle.Tensor]]:
-        """Prefix key/values in kernel layout ``[batch, kv, P, d]`` (ChatGLM2 keys get the column order)."""
-        with paddle.no_grad():
-            past = prefix_model._get_past_key_values(batch)
-        out = []
-        for k, v in past:
-            if self.family == "chatglm_v2":  # [P, b, kv, d]
-                k, v = paddle.transpose(k, [1, 2, 0, 3]), paddle.transpose(v, [1, 2, 0, 3])
-                k = paddle.index_select(k, paddle.to_tensor(self.dim_order), axis=3)
-            else:  # [b, P, kv, d]
-                k, v = paddle.transpose(k, [0, 2, 1, 3]), paddle.transpose(v, [0, 2, 1, 3])
-            out.append((k.astype(self.dtype_name), v.astype(self.dtype_name)))
-        return out
