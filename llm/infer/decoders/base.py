@@ -17,6 +17,7 @@ themselves and attend over the buffer (fewer ops per step; see :class:`StepState
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,17 @@ import paddle.nn.functional as F
 NEG = -1e9
 HEAD_BLOCK = 768  # LM-head columns per block in dygraph (see StepKernel.enable_blocked_head)
 MLP_BLOCK = 768  # minimum gate/up columns per block (see column_blocks)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's norm / attention ``(weight, bias)`` pairs: tensors while a kernel loads them,
+    buffer names once registered. Kernels add their MLP fields."""
+
+    ln1: tuple[Any, Any]
+    qkv: tuple[Any, Any]
+    out: tuple[Any, Any]
+    ln2: tuple[Any, Any]
 
 
 def rms(x: paddle.Tensor, eps: float) -> paddle.Tensor:

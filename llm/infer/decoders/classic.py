@@ -17,17 +17,20 @@ import paddle
 import paddle.nn.functional as F
 
 from llm.errors import ModelError
-from llm.infer.decoders.base import StepKernel, StepState, fold_q_scale, heads_first, linear
+from llm.infer.decoders.base import (
+    LayerWeights,
+    StepKernel,
+    StepState,
+    fold_q_scale,
+    heads_first,
+    linear,
+)
 
 CLASSIC_FAMILIES = ("gpt", "opt", "bloom", "glm")
 
 
 @dataclass
-class _Block:  # tensors while loading, buffer names after registration
-    ln1: tuple[Any, Any]
-    qkv: tuple[Any, Any]
-    out: tuple[Any, Any]
-    ln2: tuple[Any, Any]
+class _Block(LayerWeights):
     fc1: tuple[Any, Any]
     fc2: tuple[Any, Any]
 

@@ -20,6 +20,7 @@ import paddle.nn.functional as F
 
 from llm.errors import ModelError
 from llm.infer.decoders.base import (
+    LayerWeights,
     StepKernel,
     StepState,
     blocked_linear,
@@ -43,11 +44,7 @@ ROTARY_FAMILIES = ("llama", "mixtral", "qwen", "chatglm_v2")
 
 
 @dataclass
-class _Layer:  # tensors while loading, buffer names after _register
-    ln1: tuple[Any, Any]
-    qkv: tuple[Any, Any]
-    out: tuple[Any, Any]
-    ln2: tuple[Any, Any]
+class _Layer(LayerWeights):
     gate_up: list[tuple[Any, Any]]  # one per expert (one for dense MLPs)
     down: list[tuple[Any, Any]]
     router: Any = None
