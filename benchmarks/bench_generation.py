@@ -87,21 +87,9 @@ def best_of(fn, reps: int) -> tuple[float, object]:
 
 
 def import_transformers():
-    """``transformers`` (LlamaConfig, LlamaForCausalLM), tolerating the project's tokenizers pin.
+    """``transformers`` (LlamaConfig, LlamaForCausalLM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    The venv pins tokenizers 0.23.3 (requirements.txt) while transformers 4.48 asks for <0.22 in its
-    import-time version check; the benchmark never tokenizes, so tokenizers is hidden from that check.
-    """
-    import importlib.util
-
-    real = importlib.util.find_spec
-    importlib.util.find_spec = (
-        lambda name, package=None: None if name == "tokenizers" else real(name, package)
-    )
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    finally:
-        importlib.util.find_spec = real
     return LlamaConfig, LlamaForCausalLM
 
 
