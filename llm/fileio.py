@@ -1,8 +1,8 @@
-"""File helpers shared by convert, merge, export, inference and the readers: JSON files and atomic output.
+"""File helpers shared by convert, merge, export, inference and the readers: JSON files and atomic single files.
 
-Everything that writes a model directory stages it with :func:`staged_dir` (a temporary sibling directory
-that is renamed into place only when complete), and single files with :func:`staged_file`, so an interrupted
-run never leaves a half-written output behind.
+Single files are written with :func:`staged_file` (a temporary sibling renamed into place), so an interrupted
+run never leaves a half-written file behind. Model directories follow the output-path policy of
+:mod:`llm.outputs`.
 
 (Named ``fileio`` rather than ``io`` so that running a file of this package as a script can never shadow
 the standard library's ``io``.)
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from llm.errors import ConfigError, ModelError, UserError
+from llm.errors import ModelError, UserError
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,69 +69,6 @@ def _tmp_sibling(path: str) -> str:
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     return os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def new_tmp_dir(dst: str) -> str:
-    """An empty temporary directory next to ``dst`` (same filesystem, so the final rename is atomic)."""
-    tmp = _tmp_sibling(dst)
-    os.makedirs(tmp)
-    return tmp
-
-
-def check_not_source(dst: str, *sources: str | None) -> None:
-    """Refuse an output directory that is or contains one of the input directories (replacing it would
-    delete the input)."""
-    out = os.path.realpath(dst)
-    for src in sources:
-        if not src or not os.path.exists(src):
-            continue
-        inp = os.path.realpath(src)
-        if out == inp or inp.startswith(out + os.sep):
-            raise ConfigError(
-                f"the output directory '{dst}' overlaps the input '{src}'; choose another output path"
-            )
-
-
-def check_output(dst: str, overwrite: bool) -> None:
-    """Fail early when ``dst`` exists, is not empty and may not be replaced."""
-    if not overwrite and os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ModelError(f"output '{dst}' already exists and is not empty (pass --overwrite to replace it)")
-
-
-def publish(tmp: str, dst: str, overwrite: bool) -> str:
-    """Rename the finished ``tmp`` directory to ``dst`` (replacing an existing ``dst`` only with ``overwrite``)."""
-    dst = os.path.abspath(dst)
-    if os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst):
-        os.rmdir(dst)
-    if os.path.lexists(dst):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(
-                f"output '{dst}' already exists and is not empty (pass --overwrite to replace it)"
-            )
-        old = f"{tmp}.old"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
-    else:
-        os.rename(tmp, dst)
-    return dst
-
-
-@contextmanager
-def staged_dir(dst: str, overwrite: bool = True) -> Iterator[str]:
-    """Yield an empty temporary directory next to ``dst``; when the block completes it is renamed to ``dst``
-    (:func:`publish`), and if anything fails it is deleted and ``dst`` is left untouched."""
-    tmp = new_tmp_dir(dst)
-    try:
-        yield tmp
-        publish(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from typing import TYPE_CHECKING, Any
 
 import llm  # noqa: F401  (zlib fix before paddle)
@@ -103,6 +104,7 @@ class Tokenizer:
         self._fingerprint: str | None = None
         self.padding_side = "right"
         self.chat_template: ChatTemplate | None = None
+        self.source_chat_template: ChatTemplate | None = None  # the template in the source files
         # None = let tokenizer.json's post-processor decide (HF layout only).
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
@@ -229,9 +231,41 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- saving
     def save_pretrained(self, save_dir: str) -> None:
-        """Write the tokenizer files (and chat template) so ``load_tokenizer(save_dir)`` round-trips."""
+        """Write the tokenizer so ``load_tokenizer(save_dir)`` round-trips.
+
+        The source directory's files are carried over whole (every special token, added token, vocab file and
+        template stays as it was); only a chat template chosen for this run (``--chat_template``) is written
+        over the source's. A tokenizer built in code, with no source files, is written from its state.
+        """
         os.makedirs(save_dir, exist_ok=True)
+        if not self._files:
+            self._write_state(save_dir)
+            return
+        for src in self._files:
+            dst = os.path.join(save_dir, os.path.basename(src))
+            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+                shutil.copy2(src, dst)
+        if not _same_template(self.chat_template, self.source_chat_template):
+            self._write_template(save_dir)
+
+    def _write_template(self, save_dir: str) -> None:
+        """Replace the saved chat template by ``self.chat_template`` (None removes it)."""
         tmpl = self.chat_template
+        for name in (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JINJA_FILE):
+            path = os.path.join(save_dir, name)
+            if os.path.isfile(path):
+                os.remove(path)
+        config_path = os.path.join(save_dir, TOKENIZER_CONFIG_FILE)
+        config = read_json(config_path, missing_ok=True)
+        config.pop("chat_template", None)
+        if tmpl is not None and tmpl.kind == "jinja":
+            config["chat_template"] = tmpl.source
+        elif tmpl is not None:
+            _write_json(os.path.join(save_dir, CHAT_TEMPLATE_FILE), tmpl.source)
+        _write_json(config_path, config)
+
+    def _write_state(self, save_dir: str) -> None:
+        """Write a tokenizer that has no source files from its backend, specials and flags."""
         if self._backend.kind == "hf":
             self._backend.tk.save(os.path.join(save_dir, HF_TOKENIZER_FILE))
             config = dict(self._config)
@@ -258,23 +292,21 @@ class Tokenizer:
             if getattr(self, key) is not None:
                 config[key] = getattr(self, key)
         config.pop("chat_template", None)
-        stale = [os.path.join(save_dir, n) for n in (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JINJA_FILE)]
-        for path in stale:
-            if os.path.isfile(path):
-                os.remove(path)
-        if tmpl is not None and tmpl.kind == "jinja":
-            config["chat_template"] = tmpl.source
-        elif tmpl is not None:
-            with open(os.path.join(save_dir, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
-                json.dump(tmpl.source, f, ensure_ascii=False, indent=2)
         _write_json(os.path.join(save_dir, TOKENIZER_CONFIG_FILE), config)
         _write_json(os.path.join(save_dir, SPECIAL_TOKENS_MAP_FILE), specials)
+        self._write_template(save_dir)
         gen_path = os.path.join(save_dir, GENERATION_CONFIG_FILE)
         if len(self.eos_token_ids) > 1 and not os.path.exists(gen_path):
             gen = {"eos_token_id": self.eos_token_ids, "pad_token_id": self.pad_token_id}
             if self.bos_token_id is not None:
                 gen["bos_token_id"] = self.bos_token_id
             _write_json(gen_path, gen)
+
+
+def _same_template(a: ChatTemplate | None, b: ChatTemplate | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.kind == b.kind and a.source == b.source
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -450,6 +482,6 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Tokenizer:
             f"{directory}: no tokenizer files found (expected {HF_TOKENIZER_FILE}, or a paddlenlp tokenizer: "
             f"{TOKENIZER_CONFIG_FILE} plus sentencepiece/vocab files)"
         )
-    tok.chat_template = load_template_from_dir(directory)
+    tok.chat_template = tok.source_chat_template = load_template_from_dir(directory)
     resolve_chat_template(tok, path, chat_template)
     return tok

@@ -15,6 +15,7 @@ import pytest
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.config import (
     FINETUNE_ARGUMENT_TYPES,
+    PREFIX_TUNING_MODEL_TYPES,
     ZERO_PADDING_MODEL_TYPES,
     FinetuneArguments,
     check_runtime,
@@ -273,9 +274,9 @@ def test_missing_required_output_dir() -> None:
 
 def test_post_init_errors_become_config_errors() -> None:
     with pytest.raises(
-        ConfigError, match=r"invalid FinetuneArguments: warmup_ratio must lie in range \[0,1\]"
+        ConfigError, match="invalid FinetuneArguments: At most one of fp16 and bf16 can be True for full"
     ):
-        ft("--warmup_ratio", "2")
+        ft("--fp16_full_eval", "--bf16_full_eval")
     with pytest.raises(ConfigError) as exc:
         ft("--load_best_model_at_end", "--evaluation_strategy", "epoch", "--save_strategy", "steps")
     assert "requires the save and eval strategy to match" in str(exc.value) and "\n" not in str(exc.value)
@@ -297,10 +298,13 @@ def test_post_init_errors_become_config_errors() -> None:
             ["--src_length", "2048", "--max_length", "2048"],
             r"src_length \(2048\) must be smaller than max_length",
         ),
-        (["--src_length", "0"], "src_length must be positive, got 0"),
-        (["--max_length", "-5", "--src_length", "-9"], "src_length must be positive"),
-        (["--lora", "--lora_rank", "0"], "lora_rank must be a positive integer, got 0"),
-        (["--prefix_tuning", "--num_prefix_tokens", "-1"], "num_prefix_tokens must be a positive integer"),
+        (["--src_length", "0"], "src_length must be >= 1, got 0"),
+        (["--max_length", "-5", "--src_length", "-9"], "src_length must be >= 1, got -9"),
+        (["--lora", "--lora_rank", "0"], "lora_rank must be >= 1 when lora is true, got 0"),
+        (
+            ["--prefix_tuning", "--num_prefix_tokens", "-1"],
+            "num_prefix_tokens must be >= 1 when prefix_tuning",
+        ),
         (["--lazy"], "--max_steps must be set to a positive number"),
         (["--weight_quantize_algo", "int3"], "weight_quantize_algo 'int3' is not supported"),
         (["--quant_type", "w3a3"], "quant_type 'w3a3' is not supported"),
@@ -410,6 +414,20 @@ def test_zero_padding_unsupported_model_type(tmp_path: Path) -> None:
     assert runtime(model, data, "--do_train") == "opt"
 
 
+def test_prefix_tuning_unsupported_model_type(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "glm", {"model_type": "glm"})
+    data = make_data(tmp_path / "data", ["train.json"])
+    with pytest.raises(ConfigError) as exc:
+        runtime(model, data, "--do_train", "--prefix_tuning")
+    assert str(exc.value) == (
+        "prefix_tuning is not supported for model type 'glm' (supported: "
+        f"{', '.join(sorted(PREFIX_TUNING_MODEL_TYPES))}); use --lora true or full fine-tuning instead"
+    )
+    assert runtime(model, data, "--do_train", "--lora") == "glm"
+    llama = make_model(tmp_path / "llama", {"model_type": "llama"})
+    assert runtime(llama, data, "--do_train", "--prefix_tuning") == "llama"
+
+
 @pytest.mark.parametrize(
     ("files", "extra", "message"),
     [
@@ -483,7 +501,7 @@ def test_cpu_only_settings(tmp_path: Path, model_dir: str, extra: list[str], mes
 
 def test_cpu_alternatives_are_accepted(tmp_path: Path, model_dir: str) -> None:
     data = make_data(tmp_path / "data", ["train.json"])
-    runtime(model_dir, data, "--do_train", "--sharding", "stage1", "--bf16", "--fp16_opt_level", "O2")
+    runtime(model_dir, data, "--do_train", "--sharding", "stage1", "--bf16", "--fp16_opt_level", "O1")
 
 
 # ----------------------------------------------------------------------------- exit codes
@@ -514,9 +532,10 @@ def test_subprocess_exit_code_and_one_line_stderr(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_zero_padding_model_types_match_the_family_table() -> None:
+def test_zero_padding_and_prefix_model_types_match_the_family_table() -> None:
     from llm.model import FAMILIES
 
     assert {
         name for name, spec in FAMILIES.items() if spec.supports["zero_padding"]
     } == ZERO_PADDING_MODEL_TYPES
+    assert {name for name, spec in FAMILIES.items() if spec.supports["prefix"]} == PREFIX_TUNING_MODEL_TYPES

@@ -29,6 +29,7 @@ from llm.model import build_model, forward_logits, load_model, tiny_config
 V = 128
 IDS = np.random.RandomState(0).randint(3, V, size=(2, 11)).astype("int64")
 LAYOUTS = ("safetensors", "bin", "sharded_safetensors", "sharded_bin")
+PARITY_TOL = 1e-5  # the README's claim ("logits within 1e-5 of transformers"); measured max 6e-6
 
 
 def _transformers() -> types.ModuleType:
@@ -103,7 +104,7 @@ def _parity(hf_model, paddle_dir: str) -> float:
     model = load_model(paddle_dir)
     model.eval()
     diff = float(np.abs(_pd_logits(model, IDS) - _hf_logits(hf_model, IDS)).max())
-    assert diff <= 1e-4, diff
+    assert diff <= PARITY_TOL, diff
     pd_next = _greedy(lambda x: _pd_logits(model, x), IDS)
     hf_next = _greedy(lambda x: _hf_logits(hf_model, x), IDS)
     np.testing.assert_array_equal(pd_next, hf_next)
@@ -254,7 +255,7 @@ def test_paddle_hf_paddle_round_trip_is_exact(family: str, tmp_path) -> None:
         hf_logits = NUMPY_REFERENCE[family](hf, IDS)
     else:
         hf_logits = _hf_logits(_transformers().AutoModelForCausalLM.from_pretrained(hf).eval(), IDS)
-    assert np.abs(hf_logits - ref).max() <= 1e-4
+    assert np.abs(hf_logits - ref).max() <= PARITY_TOL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +411,7 @@ def test_cli_round_trip_and_errors(tmp_path, capsys) -> None:
         (["--model_name_or_path", src, "--output_path", out], "already exists"),
         (["--model_name_or_path", src, "--output_path", "x", "--dtyp", "float16"], "did you mean 'dtype'"),
         (["--model_name_or_path", src, "--output_path", "x", "--to", "hf"], "already a hf directory"),
-        (["--model_name_or_path", src, "--output_path", src, "--overwrite"], "overlaps the input"),
+        (["--model_name_or_path", src, "--output_path", src, "--overwrite"], "is the input"),
     ):
         with pytest.raises(SystemExit) as exc:
             convert_main(argv)

@@ -8,12 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import paddle
 import pytest
 from conftest import FIXTURE_DATA
 from helpers_model import finetune_argv
 
 import llm  # noqa: F401
 import llm.train.finetune as finetune
+from llm.data import DataCollator
+from llm.model import forward_logits, load_model
 from llm.tokenizer import load_tokenizer
 from llm.train.callbacks import LOG_NAME, PLOT_NAME
 from llm.train.finetune import run
@@ -86,7 +89,20 @@ def test_zero_padding_end_to_end(
     assert sum(f["position_ids"].count(0) for f in packed) == 48
     assert batches == [(4, True)] * 3  # every training batch: 4-D block mask + position ids
     assert loaded_splits["dev"]["zero_padding"]  # eval is packed too (no generation eval)
-    assert math.isfinite(metrics["eval_loss"]) and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert math.isfinite(metrics["eval_loss"])
+    # eval_accuracy is the saved model's argmax accuracy over the packed dev rows' supervised tokens
+    packed_dev, collate = loaded_splits["dev"]["features"], DataCollator(load_tokenizer(str(llama)))
+    assert len(packed_dev) < 16  # the 16 dev examples were packed
+    model = load_model(str(out))
+    model.eval()
+    correct = supervised = 0
+    with paddle.no_grad():
+        for i in range(0, len(packed_dev), 8):
+            batch = collate(packed_dev[i : i + 8])
+            preds, mask = forward_logits(model, batch).numpy().argmax(-1), batch["labels"] != -100
+            correct += int((preds[mask] == batch["labels"][mask]).sum())
+            supervised += int(mask.sum())
+    assert metrics["eval_accuracy"] == pytest.approx(correct / supervised, abs=1e-9)
 
 
 def test_eval_with_do_generation(llama: Path, tmp_path: Path) -> None:
@@ -102,13 +118,11 @@ def test_eval_with_do_generation(llama: Path, tmp_path: Path) -> None:
     _assert_outputs(out, metrics, 20)
     assert set(GENERATION_METRICS) <= set(metrics)
     assert "eval_accuracy" not in metrics
-    assert all(0.0 <= metrics[k] <= 1.0 for k in GENERATION_METRICS)
-    assert metrics["eval_exact_match"] >= 0.5 and metrics["eval_rouge1"] >= 0.8 and metrics["eval_bleu4"] > 0
+    # measured: the answer is learnt after 6 steps; a generation equal to its reference scores 1 on every metric
+    assert {k: metrics[k] for k in GENERATION_METRICS} == pytest.approx({k: 1.0 for k in GENERATION_METRICS})
     assert set(GENERATION_METRICS) <= set(json.loads((out / "eval_results.json").read_text()))
     rows = [json.loads(line) for line in (out / "generated_output.json").read_text().splitlines()]
-    assert len(rows) == 4 and all(r["tgt"] == "seven hundred seventy seven" for r in rows)
-    exact = sum(r["output"] == r["tgt"] for r in rows) / len(rows)
-    assert exact == pytest.approx(metrics["eval_exact_match"])
+    assert rows == [{"output": "seven hundred seventy seven", "tgt": "seven hundred seventy seven"}] * 4
 
 
 def test_generation_eval_is_turned_off_by_a_chat_template(

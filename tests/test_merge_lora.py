@@ -56,13 +56,15 @@ def test_merge_scaling_and_checks(family: str, rslora: bool, tmp_path) -> None:
     base = _base(str(tmp_path / "base"), family)
     adapter = _adapter(base, str(tmp_path / "lora"), rslora=rslora)
     report = merge_lora_checkpoint(adapter, str(tmp_path / "merged"))  # base from lora_config.json
-    assert report.base_model == base and report.changed_weights == report.merged_layers > 0
+    state = paddle.load(str(tmp_path / "lora" / "lora_model_state.pdparams"), return_numpy=True)
+    adapted = sum(k.endswith(".lora_A") for k in state)  # one per LoRA-wrapped linear, all with B != 0
+    assert adapted >= 2 * 2  # 2 layers x at least 2 target modules
+    assert report.base_model == base and report.changed_weights == report.merged_layers == adapted
     assert report.max_abs_diff <= 1e-5
     merged = SafetensorsFile(str(tmp_path / "merged" / "model.safetensors"))
     assert not [k for k in merged.keys() if "lora" in k]
     cfg = json.load(open(tmp_path / "lora" / "lora_config.json"))
     scale = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if rslora else cfg["r"])
-    state = paddle.load(str(tmp_path / "lora" / "lora_model_state.pdparams"), return_numpy=True)
     name = LAYER[family]
     w = SafetensorsFile(str(tmp_path / "base" / "model.safetensors")).get(f"{name}.weight").array
     want = w + state[f"{name}.lora_A"] @ state[f"{name}.lora_B"] * scale
@@ -85,8 +87,8 @@ def test_cli_alias_pdparams_and_errors(tmp_path, capsys) -> None:
         (["--lora_path", adapter, "--merge_model_path", "a", "--merge_lora_model_path", "b"], "disagree"),
         (["--lora_path", adapter], "missing required argument 'merge_lora_model_path'"),
         (["--lora_path", str(tmp_path), "--merge_lora_model_path", "x"], "has no lora_config.json"),
-        (["--lora_path", adapter, "--merge_lora_model_path", adapter], "overlaps the input"),
-        (["--lora_path", adapter, "--merge_lora_model_path", str(tmp_path)], "overlaps the input"),
+        (["--lora_path", adapter, "--merge_lora_model_path", adapter], "is the input"),
+        (["--lora_path", adapter, "--merge_lora_model_path", str(tmp_path)], "contains the input"),
     ):
         with pytest.raises(SystemExit) as exc:
             merge_lora_main(argv)
@@ -204,3 +206,30 @@ def test_in_memory_merge_shares_the_checkpoint_merge(tmp_path, monkeypatch) -> N
         ModelError, match=r"gate_proj.lora_B' has shape \[4, 64\] in the adapter but \[4, 48\]"
     ):
         merge_lora(load_model(other), adapter)
+
+
+def test_in_memory_merge_into_a_bfloat16_model_on_cpu(tmp_path) -> None:
+    """``predictor.py --dtype bfloat16 --lora_path``: the sum is formed in float32 (paddle 2.6 has no CPU bf16
+    matmul/add), so each merged weight is ``bf16(widen(W) + A @ B * s)`` with the bf16 base W and the adapter's
+    float32 A, B (equal up to one bf16 ulp: the summation order of A @ B may differ)."""
+    from llm.convert.tensors import bf16_to_f32, f32_to_bf16
+    from llm.infer.adapters import merge_lora
+
+    base = _base(str(tmp_path / "base"))
+    adapter = _adapter(base, str(tmp_path / "lora"))
+    config = json.load(open(os.path.join(adapter, "lora_config.json")))
+    scaling = config["lora_alpha"] / config["r"]
+    lora = lora_mod.read_lora_state(adapter)
+    base16 = {k: bf16_to_f32(v.numpy()) for k, v in load_model(base, dtype="bfloat16").state_dict().items()}
+    merged16 = merge_lora(load_model(base, dtype="bfloat16"), adapter).state_dict()
+    assert sorted(merged16) == sorted(base16)
+    merged_layers = {k.rsplit(".lora_", 1)[0] for k in lora}
+    for key, value in merged16.items():
+        assert value.dtype == paddle.bfloat16, key
+        got, want = bf16_to_f32(value.numpy()), base16[key]
+        layer = key.rsplit(".", 1)[0]
+        if layer in merged_layers and key.endswith(".weight"):
+            delta = lora[f"{layer}.lora_A"] @ lora[f"{layer}.lora_B"] * scaling
+            want = bf16_to_f32(f32_to_bf16(want + delta))
+            assert not np.array_equal(got, base16[key]), key
+        assert (np.abs(got - want) <= 2**-7 * np.abs(want)).all(), key

@@ -210,8 +210,17 @@ def test_sampling_defaults_from_generation_config(bpe_model: Path, tmp_path: Pat
     pred = Predictor.from_args(args)
     assert (pred.generation.decode_strategy, pred.generation.top_k) == ("sampling", 1)
     assert pred.predict(["hello"]) == greedy  # top_k=1 sampling is greedy
-    wide = Predictor.from_args(dataclasses.replace(args, top_k=0, top_p=1.0, temperature=1.5, seed=7))
-    assert wide.predict(["hello", "hi"]) == wide.predict(["hello", "hi"])  # seeded sampling is reproducible
+    wide_args = dataclasses.replace(args, top_k=0, top_p=1.0, temperature=1.5, seed=7)
+    wide = Predictor.from_args(wide_args)
+    first = wide.predict(["hello", "hi"], return_tokens=True)[1]
+    # seeded sampling is reproducible: again on the same predictor and on a fresh one with the same seed
+    assert wide.predict(["hello", "hi"], return_tokens=True)[1] == first
+    assert Predictor.from_args(wide_args).predict(["hello", "hi"], return_tokens=True)[1] == first
+    # ... and really samples: another seed draws other tokens, and the draws are not the greedy ones
+    other = Predictor.from_args(dataclasses.replace(wide_args, seed=8))
+    assert other.predict(["hello", "hi"], return_tokens=True)[1] != first
+    greedy_tokens = Predictor.from_args(_args(model)).predict(["hello", "hi"], return_tokens=True)[1]
+    assert first != greedy_tokens
 
 
 def test_predict_file_and_benchmark(

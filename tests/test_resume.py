@@ -14,14 +14,11 @@ from helpers_model import finetune_argv
 from paddlenlp.trainer import Trainer
 
 import llm  # noqa: F401
+from llm.errors import ModelError
+from llm.model import load_model
+from llm.outputs import COMPLETE_MARKER, is_complete, mark_complete
 from llm.train.callbacks import LOG_NAME, PLOT_NAME
-from llm.train.checkpoint import (
-    COMPLETE_MARKER,
-    find_last_checkpoint,
-    is_complete,
-    mark_complete,
-    rotate_checkpoints,
-)
+from llm.train.checkpoint import find_last_checkpoint, rotate_checkpoints
 from llm.train.finetune import run
 from llm.train.trainer import CausalLMTrainer
 
@@ -59,7 +56,11 @@ def test_resume_from_newest_complete_checkpoint(
     # save_steps=2 -> checkpoints 2, 4, 6; save_total_limit=2 keeps the newest two, all marked complete
     assert _checkpoints(out) == ["checkpoint-4", "checkpoint-6"]
     assert all(is_complete(str(out / c)) for c in _checkpoints(out))
-    assert json.loads((out / "checkpoint-6" / COMPLETE_MARKER).read_text()) == {"global_step": 6}
+    marker = json.loads((out / "checkpoint-6" / COMPLETE_MARKER).read_text())
+    assert marker["global_step"] == 6 and marker["run"]["model_name_or_path"] == str(model_dir.resolve())
+    assert (
+        marker["files"]["trainer_state.json"] == (out / "checkpoint-6" / "trainer_state.json").stat().st_size
+    )
 
     # crash while writing checkpoint-6: its files are there but the marker is not (and the metrics log
     # ends in a half-written line)
@@ -116,6 +117,7 @@ def test_resaving_a_checkpoint_drops_its_stale_marker_first(
     model_dir, out = tiny_model_factory("llama"), tmp_path / "out"
     run(_argv(model_dir, out, 4))
     assert find_last_checkpoint(str(out)) == str(out / "checkpoint-4")
+    final = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".jsonl"}
 
     def crash(self: Trainer, model: object, metrics: object = None) -> None:
         raise RuntimeError("disk full")
@@ -125,15 +127,19 @@ def test_resaving_a_checkpoint_drops_its_stale_marker_first(
     monkeypatch.setattr(Trainer, "_save_checkpoint", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         run([*_argv(model_dir, out, 4), "--resume_from_checkpoint", str(out / "checkpoint-2")])
-    assert not is_complete(str(out / "checkpoint-4")) and not is_complete(str(out))
+    assert not is_complete(str(out / "checkpoint-4"))
+    with pytest.raises(ModelError, match="incomplete model directory"):
+        load_model(str(out / "checkpoint-4"))
     assert find_last_checkpoint(str(out)) == str(out / "checkpoint-2")
+    # the crash came before the final save: the previous run's final model is still there, whole and marked
+    assert is_complete(str(out)) and {n: (out / n).read_bytes() for n in final} == final
 
 
 def test_rotation_keeps_newest_complete_and_drops_interrupted(tmp_path: Path) -> None:
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (2, 6, 8):
-        mark_complete(str(tmp_path / f"checkpoint-{step}"), step)
+        mark_complete(str(tmp_path / f"checkpoint-{step}"), "test", global_step=step)
     # 4 is an interrupted save; 10 is left by an earlier, longer run and is not ours to judge
     deleted = rotate_checkpoints(str(tmp_path), 2, str(tmp_path / "checkpoint-8"))
     assert sorted(Path(p).name for p in deleted) == ["checkpoint-2", "checkpoint-4"]

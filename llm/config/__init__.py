@@ -26,6 +26,10 @@ _EXPORTS = {
     "resolve_model_dir": "checks",
     "required_dataset_files": "checks",
     "ZERO_PADDING_MODEL_TYPES": "checks",
+    "PREFIX_TUNING_MODEL_TYPES": "checks",
+    "RANGES": "ranges",
+    "UNCHECKED": "ranges",
+    "check_ranges": "ranges",
     "WEIGHT_QUANTIZE_ALGOS": "checks",
     "QUANT_TYPES": "checks",
 }

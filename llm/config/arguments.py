@@ -20,6 +20,7 @@ import paddle
 from paddlenlp.trainer import TrainingArguments
 from paddlenlp.trainer.trainer_utils import IntervalStrategy
 
+from llm.config.ranges import check_ranges
 from llm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class ModelArgument:
         default=0.1, metadata={"help": "Attention dropout, for models whose config uses it (e.g. GPT)."}
     )
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class DataArgument:
@@ -196,6 +200,7 @@ class DataArgument:
         if self.intokens is not None:
             logger.warning("`--intokens` is deprecated, please use `--zero_padding`.")
             self.zero_padding = self.intokens
+        check_ranges(self)
 
 
 @dataclass
@@ -233,6 +238,9 @@ class QuantArgument:
     gptq_step: int = field(default=8, metadata={"help": "Forward steps per layer for GPTQ."})
     auto_clip: bool = field(default=False, metadata={"help": "AWQ-style auto clip before PTQ."})
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class GenerateArgument:
@@ -240,6 +248,9 @@ class GenerateArgument:
 
     top_k: int = field(default=1, metadata={"help": "Top-k filtering in sampling (1 = greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) filtering in sampling (1.0 = off)."})
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -272,6 +283,7 @@ class FinetuneArguments(TrainingArguments):
         if self.fp16 and self.bf16:
             raise ConfigError("fp16 and bf16 are both enabled; choose one of --fp16 or --bf16")
         self.requested: dict[str, Any] = {key: getattr(self, key) for key in REQUESTED_KEYS}
+        check_ranges(self)  # before paddlenlp's __post_init__ reads (and resets) the values
         if paddle.distributed.get_world_size() > 1 and not paddle.is_compiled_with_cuda():
             # paddlenlp would call fleet.init for hybrid parallel here and fail obscurely on CPU.
             from llm.config.checks import check_device_support

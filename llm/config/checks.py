@@ -17,6 +17,7 @@ import os
 import re
 from typing import Any
 
+from llm.config.ranges import check_ranges
 from llm.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 # kept import-light (no paddle); tests assert it equals the families whose FamilySpec supports zero_padding
 ZERO_PADDING_MODEL_TYPES = frozenset(
     {"llama", "qwen", "chatglm", "chatglm_v2", "bloom", "gpt", "mixtral", "glm"}
+)
+#: Model types that support prefix tuning (tests assert it equals the families whose FamilySpec supports prefix).
+PREFIX_TUNING_MODEL_TYPES = frozenset(
+    {"llama", "qwen", "chatglm", "chatglm_v2", "bloom", "gpt", "opt", "mixtral"}
 )
 #: Allowed ``ModelArgument.weight_quantize_algo`` values (None = no base-weight quantization).
 WEIGHT_QUANTIZE_ALGOS = ("nf4", "fp4", "weight_only_int8", "weight_only_int4")
@@ -48,8 +53,11 @@ def _strategy(value: Any) -> str:
 def check_static(model_args: Any, data_args: Any, quant_args: Any, training_args: Any) -> None:
     """Validate argument combinations without touching files or devices; raises ConfigError.
 
-    Any argument may be None (e.g. a script without quantization passes ``quant_args=None``).
+    Any argument may be None (e.g. a script without quantization passes ``quant_args=None``). Numeric
+    options are checked against :data:`llm.config.ranges.RANGES` first (again: the values paddlenlp's
+    ``__post_init__`` settled on, e.g. ``evaluation_strategy`` turned to ``steps`` by ``do_eval``).
     """
+    check_ranges(model_args, data_args, quant_args, training_args)
     if _get(model_args, "lora") and _get(model_args, "prefix_tuning"):
         raise ConfigError("lora and prefix_tuning are both enabled; choose one of --lora or --prefix_tuning")
 
@@ -77,21 +85,10 @@ def check_static(model_args: Any, data_args: Any, quant_args: Any, training_args
         )
 
     src_length, max_length = _get(data_args, "src_length"), _get(data_args, "max_length")
-    if src_length is not None and src_length <= 0:
-        raise ConfigError(f"src_length must be positive, got {src_length}")
-    if max_length is not None and max_length <= 0:
-        raise ConfigError(f"max_length must be positive, got {max_length}")
     if src_length is not None and max_length is not None and src_length >= max_length:
         raise ConfigError(
             f"src_length ({src_length}) must be smaller than max_length ({max_length}), which bounds prompt + "
             "answer; raise --max_length or lower --src_length"
-        )
-
-    if _get(model_args, "lora") and (_get(model_args, "lora_rank") or 0) <= 0:
-        raise ConfigError(f"lora_rank must be a positive integer, got {_get(model_args, 'lora_rank')}")
-    if _get(model_args, "prefix_tuning") and (_get(model_args, "num_prefix_tokens") or 0) <= 0:
-        raise ConfigError(
-            f"num_prefix_tokens must be a positive integer, got {_get(model_args, 'num_prefix_tokens')}"
         )
 
     if _get(data_args, "zero_padding"):
@@ -349,6 +346,27 @@ def check_device_support(training_args: Any, cuda_available: bool | None = None)
         )
 
 
+def check_training_dtype(training_args: Any, cuda_available: bool | None = None) -> None:
+    """Refuse pure bfloat16 training without CUDA: ``--bf16`` with ``--fp16_opt_level O2`` loads and trains the
+    model in bfloat16, and paddle 2.6 has no CPU bfloat16 kernels for training (random init, matmul, softmax).
+    With O1 paddle's AMP is off on CPU (training runs in float32): accepted, with a warning."""
+    if cuda_available is None:
+        import paddle
+
+        cuda_available = paddle.is_compiled_with_cuda()
+    req = dict(getattr(training_args, "requested", None) or {})
+    bf16 = req["bf16"] if "bf16" in req else _get(training_args, "bf16")
+    if cuda_available or not bf16:
+        return
+    if _get(training_args, "fp16_opt_level") == "O2":
+        raise ConfigError(
+            "--bf16 with --fp16_opt_level O2 trains in pure bfloat16, which needs a GPU: paddle 2.6 has no CPU "
+            "bfloat16 training kernels; on CPU set --fp16_opt_level O1 (AMP is then off: float32 training) or "
+            "--bf16 false"
+        )
+    logger.warning("--bf16 has no effect on CPU (paddle's AMP runs on GPUs only): training runs in float32")
+
+
 # ----------------------------------------------------------------------------- runtime
 
 
@@ -366,6 +384,7 @@ def check_runtime(
     ``paddle.is_compiled_with_cuda()`` (for tests).
     """
     check_device_support(training_args, cuda_available=cuda_available)
+    check_training_dtype(training_args, cuda_available=cuda_available)
 
     model_type = None
     name = _get(model_args, "model_name_or_path")
@@ -382,6 +401,15 @@ def check_runtime(
         raise ConfigError(
             f"zero_padding is not supported for model type {model_type!r} (supported: "
             f"{', '.join(sorted(ZERO_PADDING_MODEL_TYPES))}); set --zero_padding false"
+        )
+    if (
+        _get(model_args, "prefix_tuning")
+        and model_type is not None
+        and model_type not in PREFIX_TUNING_MODEL_TYPES
+    ):
+        raise ConfigError(
+            f"prefix_tuning is not supported for model type {model_type!r} (supported: "
+            f"{', '.join(sorted(PREFIX_TUNING_MODEL_TYPES))}); use --lora true or full fine-tuning instead"
         )
 
     for arg, config_name in (("lora_path", "lora_config.json"), ("prefix_path", "prefix_config.json")):

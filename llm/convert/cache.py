@@ -50,9 +50,30 @@ def _drop_stale(entry: str, dtype: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _missing_parents(path: str) -> list[str]:
+    """The ancestors of ``path`` that do not exist yet, deepest first (what a conversion would create)."""
+    out = []
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        out.append(parent)
+        parent = os.path.dirname(parent)
+    return out
+
+
+def _remove_empty(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.rmdir(path)  # only if empty: another process may have put its own entry there
+        except OSError:
+            pass
+
+
 def ensure_paddle_dir(path: str, dtype: str = "float32", progress: bool = True) -> str:
     """``path`` itself for a paddlenlp directory; for a Hugging Face one, its cached conversion (made now if
-    missing, written to a temp dir and renamed into place, so a half-written conversion is never used)."""
+    missing, written to a temp dir and renamed into place, so a half-written conversion is never used).
+
+    A failed conversion leaves nothing behind: no cache entry and no (empty) cache directory it created.
+    """
     if detect_layout(path) != "hf":
         return path
     dtype = check_dtype(dtype) or "float32"
@@ -61,14 +82,19 @@ def ensure_paddle_dir(path: str, dtype: str = "float32", progress: bool = True) 
         if _complete(entry):
             return entry
     target = candidates[0]
+    created = _missing_parents(target)
     logger.warning(
         "converting the Hugging Face checkpoint %s to paddle (%s), cached in %s", path, dtype, target
     )
     try:
-        convert_hf_to_paddle(path, target, dtype=dtype, overwrite=False, progress=progress)
+        convert_hf_to_paddle(path, target, dtype=dtype, overwrite=False, progress=progress, cache=True)
     except ModelError:
         if _complete(target):  # another process finished the same conversion first
             return target
+        _remove_empty(created)
+        raise
+    except BaseException:
+        _remove_empty(created)
         raise
     if os.path.basename(os.path.dirname(target)) == CACHE_DIR_NAME:
         _drop_stale(target, dtype)

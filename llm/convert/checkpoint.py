@@ -8,9 +8,16 @@ import os
 from collections import OrderedDict
 from typing import Any
 
-from llm.convert.tensors import SafetensorsFile, Tensor, open_weight_file, read_safetensors_header
+from llm.convert.tensors import (
+    SafetensorsFile,
+    Tensor,
+    check_pickle_file,
+    open_weight_file,
+    read_safetensors_header,
+)
 from llm.errors import ModelError
 from llm.fileio import read_json
+from llm.outputs import require_complete
 
 HF_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -121,6 +128,7 @@ def open_checkpoint(
     ``layouts`` (``(index name, single file name)`` pairs, preferred first) defaults to the model layouts of
     paddlenlp or Hugging Face; adapters pass their own file names.
     """
+    require_complete(directory)
     layouts = layouts or (PADDLE_LAYOUTS if paddle_layout else HF_LAYOUTS)
     for index_name, single in layouts:
         if os.path.isfile(os.path.join(directory, index_name)):
@@ -153,6 +161,19 @@ def weight_files(directory: str) -> list[str]:
         if os.path.isfile(path):
             found += list(dict.fromkeys(read_json(path).get("weight_map", {}).values()))
     return sorted(set(found))
+
+
+def check_weight_files(directory: str) -> None:
+    """Refuse (one :class:`ModelError` line naming the file) a truncated or corrupt weight file of
+    ``directory`` without loading it: safetensors headers against the file size, pickle files' ends."""
+    for name in weight_files(directory):
+        path = os.path.join(directory, name)
+        if name.endswith(".json") or not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            read_safetensors_header(path)
+        else:
+            check_pickle_file(path)
 
 
 def detect_layout(directory: str) -> str | None:

@@ -17,10 +17,12 @@ from tqdm import tqdm
 
 from llm.convert.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
 from llm.convert.rules import Step, apply, expected_targets, out_shape, plan
+from llm.convert.shapes import check_tensors
 from llm.convert.specs import ConvSpec, hf_ties, spec_for_hf, spec_for_paddle
 from llm.convert.tensors import FLOAT_DTYPES, Pending, Tensor, cast, itemsize, to_float32, write_safetensors
 from llm.errors import ModelError
-from llm.fileio import check_not_source, check_output, read_json, staged_dir, write_json
+from llm.fileio import read_json, write_json
+from llm.outputs import check_output_path, staged_output
 
 CONVERTER_VERSION = "llm-convert-v1"
 DEFAULT_SHARD_SIZE = "10GB"  # paddlenlp's save_pretrained default
@@ -156,17 +158,19 @@ def convert_hf_to_paddle(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    cache: bool = False,
 ) -> str:
     """Convert the Hugging Face model directory ``src`` into a paddlenlp model directory ``dst``.
 
     Reads ``model.safetensors`` / ``pytorch_model.bin`` or their sharded forms (with the index JSON),
     writes ``config.json``, ``model.safetensors`` (sharded above ``max_shard_size``), tokenizer files and a
     ``conversion.json`` provenance record. Returns ``dst``. Unsupported architectures or settings, missing
-    or unexpected tensors raise :class:`ModelError`.
+    or unexpected tensors raise :class:`ModelError`. ``cache``: ``dst`` is the conversion cache, which may
+    live inside ``src`` (see :mod:`llm.convert.cache`).
     """
     dtype = check_dtype(dtype)
-    check_not_source(dst, src)
-    check_output(dst, overwrite)
+    inputs = () if cache else (src,)
+    check_output_path(dst, inputs=inputs, overwrite=overwrite)
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise ModelError(f"{src}: no config.json (expected a Hugging Face model directory)")
     hf = read_json(os.path.join(src, "config.json"))
@@ -194,10 +198,11 @@ def convert_hf_to_paddle(
             )
         for step in steps:
             step.sources = [originals[s] for s in step.sources]
+        check_tensors(ckpt, steps, spec.name, config, "to_pd", src)
         checks = [s for s in steps if s.op == "zero"]
         for step in checks:
             _zero_check(ckpt, step, step.sources[0], spec)
-        with staged_dir(dst, overwrite) as tmp:
+        with staged_output(dst, writer="convert", inputs=inputs, overwrite=overwrite) as tmp:
             _write_shards(
                 ckpt,
                 [s for s in steps if s.op != "zero"],
@@ -238,8 +243,7 @@ def export_paddle_to_hf(
     from llm.model.families import family_of
 
     dtype = check_dtype(dtype, allow_none=True)
-    check_not_source(dst, src)
-    check_output(dst, overwrite)
+    check_output_path(dst, inputs=(src,), overwrite=overwrite)
     config_file = os.path.join(src, "config.json")
     if not os.path.isfile(config_file):
         raise ModelError(f"{src}: no config.json (expected a paddlenlp model directory)")
@@ -263,9 +267,10 @@ def export_paddle_to_hf(
         missing = [p for p in expected_targets(ruleset, config, layers, experts, "to_hf") if p not in have]
         if missing:
             raise ModelError(f"{src}: the checkpoint lacks {len(missing)} tensors (e.g. '{missing[0]}')")
+        check_tensors(ckpt, steps, spec.name, config, "to_hf", src)
         stored = ckpt.info(keys[0])[1]
         hf_config["torch_dtype"] = dtype or (stored if stored in FLOAT_DTYPES else "float32")
-        with staged_dir(dst, overwrite) as tmp:
+        with staged_output(dst, writer="convert", inputs=(src,), overwrite=overwrite) as tmp:
             _write_shards(ckpt, steps, tmp, dtype, {"format": "pt"}, progress, "paddle->hf", max_shard_size)
             write_json(os.path.join(tmp, "config.json"), hf_config, sort_keys=True)
             copy_tokenizer_files(src, tmp)

@@ -8,6 +8,9 @@ A :class:`Rule` pairs an HF name template with one or more paddle name templates
 * ``chunk``  — one HF tensor is the concatenation of the paddle tensors along the last axis (GPT-2 ``c_attn``)
 * ``zero``   — the HF tensor has no paddle counterpart and is accepted only when it is all zeros
 
+``shape`` is the HF tensor's shape in config symbols (``"I,H"``: intermediate x hidden, see
+:mod:`llm.convert.shapes`); the paddle shape follows from the op (``pd_shape`` gives it for ``chunk``).
+
 :func:`plan` turns a list of source names into :class:`Step` s (target name, source names, op, index);
 :func:`expected_targets` lists every name a complete checkpoint must produce, so gaps are caught early.
 """
@@ -47,6 +50,8 @@ class Rule:
     to_pd: bool = True
     to_hf: bool = True
     when: Callable[[Any], bool] | None = None
+    shape: str = ""
+    pd_shape: str = ""
 
     def enabled(self, config: Any) -> bool:
         return self.when is None or bool(self.when(config))
@@ -66,6 +71,8 @@ class Step:
     op: str
     index: int = 0
     parts: int = 1
+    shape: str = ""  # the HF tensor's shape template (see Rule)
+    pd_shape: str = ""
 
 
 @dataclass
@@ -111,10 +118,9 @@ def plan(ruleset: RuleSet, names: Iterable[str], direction: str, config: Any) ->
                 if rule.op == "zero":
                     checks.append(Step("", [name], "zero"))
                 for i, tmpl in enumerate(rule.pd):
-                    op = "chunk" if rule.op == "chunk" else rule.op
-                    steps.setdefault(
-                        _fill(tmpl, groups), Step(_fill(tmpl, groups), [name], op, i, len(rule.pd))
-                    )
+                    target = _fill(tmpl, groups)
+                    step = Step(target, [name], rule.op, i, len(rule.pd), rule.shape, rule.pd_shape)
+                    steps.setdefault(target, step)
             else:
                 for tmpl in rule.pd:
                     m = _compile(tmpl).match(name)
@@ -130,7 +136,7 @@ def plan(ruleset: RuleSet, names: Iterable[str], direction: str, config: Any) ->
                     if missing:
                         raise ModelError(f"cannot export '{target}': the checkpoint lacks '{missing[0]}'")
                     op = "concat" if rule.op == "chunk" else rule.op
-                    steps[target] = Step(target, sources, op, 0, len(sources))
+                    steps[target] = Step(target, sources, op, 0, len(sources), rule.shape, rule.pd_shape)
                     break
         if not matched:
             pd_only = direction == "to_hf" and any(

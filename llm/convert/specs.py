@@ -59,8 +59,9 @@ class ConvSpec:
         rules = list(self.rules)
         ignore_hf = list(self.ignore_hf)
         if direction == "to_pd" and tie and self.head_rule and not self.paddle_ties:
+            embed_shape = next((r.shape for r in rules if r.hf == self.embed), "")
             rules = [r for r in rules if r.hf != self.head]
-            rules.append(R(self.embed, self.head_rule[0], self.head_rule[1], to_hf=False))
+            rules.append(R(self.embed, self.head_rule[0], self.head_rule[1], to_hf=False, shape=embed_shape))
         if direction == "to_pd" and (tie or self.paddle_ties) and self.head:
             ignore_hf.append(_esc(self.head))
         return RuleSet(rules, ignore_hf, list(self.ignore_pd))
@@ -73,33 +74,43 @@ def _esc(name: str) -> str:
 def _llama_rules(pd: str, mixtral: bool = False) -> list[Rule]:
     a = f"{pd}.layers.{{L}}.self_attn"
     rules = [
-        R("model.embed_tokens.weight", f"{pd}.embed_tokens.weight"),
-        R("model.norm.weight", f"{pd}.norm.weight"),
-        R("lm_head.weight", "lm_head.weight", "T"),
-        R("model.layers.{L}.input_layernorm.weight", f"{pd}.layers.{{L}}.input_layernorm.weight"),
+        R("model.embed_tokens.weight", f"{pd}.embed_tokens.weight", shape="V,H"),
+        R("model.norm.weight", f"{pd}.norm.weight", shape="H"),
+        R("lm_head.weight", "lm_head.weight", "T", shape="V,H"),
+        R("model.layers.{L}.input_layernorm.weight", f"{pd}.layers.{{L}}.input_layernorm.weight", shape="H"),
         R(
             "model.layers.{L}.post_attention_layernorm.weight",
             f"{pd}.layers.{{L}}.post_attention_layernorm.weight",
+            shape="H",
         ),
     ]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        rules.append(R(f"model.layers.{{L}}.self_attn.{proj}.weight", f"{a}.{proj}.weight", "T"))
+    for proj, shape in (("q_proj", "H,H"), ("k_proj", "KV,H"), ("v_proj", "KV,H"), ("o_proj", "H,H")):
+        rules.append(R(f"model.layers.{{L}}.self_attn.{proj}.weight", f"{a}.{proj}.weight", "T", shape=shape))
         rules.append(Rule(f"model.layers.{{L}}.self_attn.{proj}.bias", (), "zero", to_hf=False))
+    mlp = (("gate_proj", "I,H"), ("up_proj", "I,H"), ("down_proj", "H,I"))
     if mixtral:
         moe = "model.layers.{L}.block_sparse_moe"
-        rules.append(R(f"{moe}.gate.weight", f"{pd}.layers.{{L}}.block_sparse_moe.gate.weight", "T"))
-        for w in ("w1", "w2", "w3"):
+        rules.append(
+            R(f"{moe}.gate.weight", f"{pd}.layers.{{L}}.block_sparse_moe.gate.weight", "T", shape="E,H")
+        )
+        for w, shape in (("w1", "I,H"), ("w2", "H,I"), ("w3", "I,H")):
             rules.append(
                 R(
                     f"{moe}.experts.{{E}}.{w}.weight",
                     f"{pd}.layers.{{L}}.block_sparse_moe.experts.{{E}}.{w}.weight",
                     "T",
+                    shape=shape,
                 )
             )
     else:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
+        for proj, shape in mlp:
             rules.append(
-                R(f"model.layers.{{L}}.mlp.{proj}.weight", f"{pd}.layers.{{L}}.mlp.{proj}.weight", "T")
+                R(
+                    f"model.layers.{{L}}.mlp.{proj}.weight",
+                    f"{pd}.layers.{{L}}.mlp.{proj}.weight",
+                    "T",
+                    shape=shape,
+                )
             )
             rules.append(Rule(f"model.layers.{{L}}.mlp.{proj}.bias", (), "zero", to_hf=False))
     return rules
@@ -109,21 +120,21 @@ def _qwen_rules() -> list[Rule]:
     h, p = "transformer.h.{L}", "qwen.h.{L}"
     bias = lambda c: not getattr(c, "no_bias", True)  # noqa: E731
     return [
-        R("transformer.wte.weight", "qwen.wte.weight"),
-        R("transformer.ln_f.weight", "qwen.ln_f.weight"),
-        R("lm_head.weight", "lm_head.weight", "T"),
-        R(f"{h}.ln_1.weight", f"{p}.ln_1.weight"),
-        R(f"{h}.ln_2.weight", f"{p}.ln_2.weight"),
-        R(f"{h}.attn.c_attn.weight", f"{p}.attn.c_attn.weight", "T"),
-        R(f"{h}.attn.c_attn.bias", f"{p}.attn.c_attn.bias"),
-        R(f"{h}.attn.c_proj.weight", f"{p}.attn.c_proj.weight", "T"),
-        R(f"{h}.attn.c_proj.bias", f"{p}.attn.c_proj.bias", when=bias),
-        R(f"{h}.mlp.w1.weight", f"{p}.mlp.w1.weight", "T"),
-        R(f"{h}.mlp.w2.weight", f"{p}.mlp.w2.weight", "T"),
-        R(f"{h}.mlp.c_proj.weight", f"{p}.mlp.c_proj.weight", "T"),
-        R(f"{h}.mlp.w1.bias", f"{p}.mlp.w1.bias", when=bias),
-        R(f"{h}.mlp.w2.bias", f"{p}.mlp.w2.bias", when=bias),
-        R(f"{h}.mlp.c_proj.bias", f"{p}.mlp.c_proj.bias", when=bias),
+        R("transformer.wte.weight", "qwen.wte.weight", shape="V,H"),
+        R("transformer.ln_f.weight", "qwen.ln_f.weight", shape="H"),
+        R("lm_head.weight", "lm_head.weight", "T", shape="V,H"),
+        R(f"{h}.ln_1.weight", f"{p}.ln_1.weight", shape="H"),
+        R(f"{h}.ln_2.weight", f"{p}.ln_2.weight", shape="H"),
+        R(f"{h}.attn.c_attn.weight", f"{p}.attn.c_attn.weight", "T", shape="3P,H"),
+        R(f"{h}.attn.c_attn.bias", f"{p}.attn.c_attn.bias", shape="3P"),
+        R(f"{h}.attn.c_proj.weight", f"{p}.attn.c_proj.weight", "T", shape="H,P"),
+        R(f"{h}.attn.c_proj.bias", f"{p}.attn.c_proj.bias", when=bias, shape="H"),
+        R(f"{h}.mlp.w1.weight", f"{p}.mlp.w1.weight", "T", shape="I2,H"),
+        R(f"{h}.mlp.w2.weight", f"{p}.mlp.w2.weight", "T", shape="I2,H"),
+        R(f"{h}.mlp.c_proj.weight", f"{p}.mlp.c_proj.weight", "T", shape="H,I2"),
+        R(f"{h}.mlp.w1.bias", f"{p}.mlp.w1.bias", when=bias, shape="I2"),
+        R(f"{h}.mlp.w2.bias", f"{p}.mlp.w2.bias", when=bias, shape="I2"),
+        R(f"{h}.mlp.c_proj.bias", f"{p}.mlp.c_proj.bias", when=bias, shape="H"),
     ]
 
 
@@ -132,71 +143,82 @@ def _chatglm2_rules() -> list[Rule]:
     qkv_bias = lambda c: bool(getattr(c, "add_qkv_bias", False) or getattr(c, "add_bias_linear", False))  # noqa: E731
     bias = lambda c: bool(getattr(c, "add_bias_linear", False))  # noqa: E731
     final = lambda c: bool(getattr(c, "post_layer_norm", True))  # noqa: E731
+    qkv = "self_attention.query_key_value"
     return [
-        R("transformer.embedding.word_embeddings.weight", "chatglm_v2.embedding.word_embeddings.weight"),
+        R(
+            "transformer.embedding.word_embeddings.weight",
+            "chatglm_v2.embedding.word_embeddings.weight",
+            shape="V,H",
+        ),
         R(
             "transformer.encoder.final_layernorm.weight",
             "chatglm_v2.encoder.final_layernorm.weight",
             when=final,
+            shape="H",
         ),
-        R("transformer.output_layer.weight", "chatglm_v2.output_layer.weight", "T"),
-        R(f"{h}.input_layernorm.weight", f"{p}.input_layernorm.weight"),
-        R(f"{h}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm.weight"),
-        R(f"{h}.self_attention.query_key_value.weight", f"{p}.self_attention.query_key_value.weight", "T"),
-        R(
-            f"{h}.self_attention.query_key_value.bias",
-            f"{p}.self_attention.query_key_value.bias",
-            when=qkv_bias,
-        ),
-        R(f"{h}.self_attention.dense.weight", f"{p}.self_attention.dense.weight", "T"),
-        R(f"{h}.self_attention.dense.bias", f"{p}.self_attention.dense.bias", when=bias),
-        R(f"{h}.mlp.dense_h_to_4h.weight", f"{p}.mlp.dense_h_to_4h.weight", "T"),
-        R(f"{h}.mlp.dense_h_to_4h.bias", f"{p}.mlp.dense_h_to_4h.bias", when=bias),
-        R(f"{h}.mlp.dense_4h_to_h.weight", f"{p}.mlp.dense_4h_to_h.weight", "T"),
-        R(f"{h}.mlp.dense_4h_to_h.bias", f"{p}.mlp.dense_4h_to_h.bias", when=bias),
+        R("transformer.output_layer.weight", "chatglm_v2.output_layer.weight", "T", shape="V,H"),
+        R(f"{h}.input_layernorm.weight", f"{p}.input_layernorm.weight", shape="H"),
+        R(f"{h}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm.weight", shape="H"),
+        R(f"{h}.{qkv}.weight", f"{p}.{qkv}.weight", "T", shape="QKV,H"),
+        R(f"{h}.{qkv}.bias", f"{p}.{qkv}.bias", when=qkv_bias, shape="QKV"),
+        R(f"{h}.self_attention.dense.weight", f"{p}.self_attention.dense.weight", "T", shape="H,H"),
+        R(f"{h}.self_attention.dense.bias", f"{p}.self_attention.dense.bias", when=bias, shape="H"),
+        R(f"{h}.mlp.dense_h_to_4h.weight", f"{p}.mlp.dense_h_to_4h.weight", "T", shape="2F,H"),
+        R(f"{h}.mlp.dense_h_to_4h.bias", f"{p}.mlp.dense_h_to_4h.bias", when=bias, shape="2F"),
+        R(f"{h}.mlp.dense_4h_to_h.weight", f"{p}.mlp.dense_4h_to_h.weight", "T", shape="H,F"),
+        R(f"{h}.mlp.dense_4h_to_h.bias", f"{p}.mlp.dense_4h_to_h.bias", when=bias, shape="H"),
     ]
 
 
 def _bloom_rules() -> list[Rule]:
     h, p = "transformer.h.{L}", "bloom.h.{L}"
-    rules = [R("transformer.word_embeddings.weight", "bloom.word_embeddings.weight")]
+    rules = [R("transformer.word_embeddings.weight", "bloom.word_embeddings.weight", shape="V,H")]
     for name in ("word_embeddings_layernorm", "ln_f"):
         for kind in ("weight", "bias"):
-            rules.append(R(f"transformer.{name}.{kind}", f"bloom.{name}.{kind}"))
+            rules.append(R(f"transformer.{name}.{kind}", f"bloom.{name}.{kind}", shape="H"))
     for name in ("input_layernorm", "post_attention_layernorm"):
         for kind in ("weight", "bias"):
-            rules.append(R(f"{h}.{name}.{kind}", f"{p}.{name}.{kind}"))
-    for name in (
-        "self_attention.query_key_value",
-        "self_attention.dense",
-        "mlp.dense_h_to_4h",
-        "mlp.dense_4h_to_h",
+            rules.append(R(f"{h}.{name}.{kind}", f"{p}.{name}.{kind}", shape="H"))
+    for name, out, inp in (
+        ("self_attention.query_key_value", "3H", "H"),
+        ("self_attention.dense", "H", "H"),
+        ("mlp.dense_h_to_4h", "4H", "H"),
+        ("mlp.dense_4h_to_h", "H", "4H"),
     ):
-        rules.append(R(f"{h}.{name}.weight", f"{p}.{name}.weight", "T"))
-        rules.append(R(f"{h}.{name}.bias", f"{p}.{name}.bias"))
+        rules.append(R(f"{h}.{name}.weight", f"{p}.{name}.weight", "T", shape=f"{out},{inp}"))
+        rules.append(R(f"{h}.{name}.bias", f"{p}.{name}.bias", shape=out))
     return rules
 
 
 def _gpt2_rules() -> list[Rule]:
     h, p = "transformer.h.{L}", "gpt.decoder.layers.{L}"
+    qkv = tuple(f"{p}.self_attn.{x}_proj" for x in "qkv")
     return [
-        R("transformer.wte.weight", "gpt.embeddings.word_embeddings.weight"),
-        R("transformer.wte.weight", "lm_head.weight", to_hf=False),  # paddle saves the tied head too
-        R("transformer.wpe.weight", "gpt.embeddings.position_embeddings.weight"),
-        R("transformer.ln_f.weight", "gpt.decoder.norm.weight"),
-        R("transformer.ln_f.bias", "gpt.decoder.norm.bias"),
-        R(f"{h}.ln_1.weight", f"{p}.norm1.weight"),
-        R(f"{h}.ln_1.bias", f"{p}.norm1.bias"),
-        R(f"{h}.ln_2.weight", f"{p}.norm2.weight"),
-        R(f"{h}.ln_2.bias", f"{p}.norm2.bias"),
-        R(f"{h}.attn.c_attn.weight", tuple(f"{p}.self_attn.{x}_proj.weight" for x in "qkv"), "chunk"),
-        R(f"{h}.attn.c_attn.bias", tuple(f"{p}.self_attn.{x}_proj.bias" for x in "qkv"), "chunk"),
-        R(f"{h}.attn.c_proj.weight", f"{p}.self_attn.out_proj.weight"),  # Conv1D is already [in, out]
-        R(f"{h}.attn.c_proj.bias", f"{p}.self_attn.out_proj.bias"),
-        R(f"{h}.mlp.c_fc.weight", f"{p}.linear1.weight"),
-        R(f"{h}.mlp.c_fc.bias", f"{p}.linear1.bias"),
-        R(f"{h}.mlp.c_proj.weight", f"{p}.linear2.weight"),
-        R(f"{h}.mlp.c_proj.bias", f"{p}.linear2.bias"),
+        R("transformer.wte.weight", "gpt.embeddings.word_embeddings.weight", shape="V,H"),
+        # paddle saves the tied head too
+        R("transformer.wte.weight", "lm_head.weight", to_hf=False, shape="V,H"),
+        R("transformer.wpe.weight", "gpt.embeddings.position_embeddings.weight", shape="P,H"),
+        R("transformer.ln_f.weight", "gpt.decoder.norm.weight", shape="H"),
+        R("transformer.ln_f.bias", "gpt.decoder.norm.bias", shape="H"),
+        R(f"{h}.ln_1.weight", f"{p}.norm1.weight", shape="H"),
+        R(f"{h}.ln_1.bias", f"{p}.norm1.bias", shape="H"),
+        R(f"{h}.ln_2.weight", f"{p}.norm2.weight", shape="H"),
+        R(f"{h}.ln_2.bias", f"{p}.norm2.bias", shape="H"),
+        # Conv1D stores [in, out]: c_attn is [hidden, 3 * hidden], split into q/k/v [hidden, hidden]
+        R(
+            f"{h}.attn.c_attn.weight",
+            tuple(f"{x}.weight" for x in qkv),
+            "chunk",
+            shape="H,3H",
+            pd_shape="H,H",
+        ),
+        R(f"{h}.attn.c_attn.bias", tuple(f"{x}.bias" for x in qkv), "chunk", shape="3H", pd_shape="H"),
+        R(f"{h}.attn.c_proj.weight", f"{p}.self_attn.out_proj.weight", shape="H,H"),
+        R(f"{h}.attn.c_proj.bias", f"{p}.self_attn.out_proj.bias", shape="H"),
+        R(f"{h}.mlp.c_fc.weight", f"{p}.linear1.weight", shape="H,I"),
+        R(f"{h}.mlp.c_fc.bias", f"{p}.linear1.bias", shape="I"),
+        R(f"{h}.mlp.c_proj.weight", f"{p}.linear2.weight", shape="I,H"),
+        R(f"{h}.mlp.c_proj.bias", f"{p}.linear2.bias", shape="H"),
     ]
 
 
@@ -205,19 +227,30 @@ def _opt_rules() -> list[Rule]:
     bias = lambda c: bool(getattr(c, "enable_bias", True))  # noqa: E731
     final = lambda c: bool(getattr(c, "normalize_before", True))  # noqa: E731
     rules = [
-        R("model.decoder.embed_tokens.weight", "opt.embeddings.word_embeddings.weight"),
-        R("model.decoder.embed_positions.weight", "opt.embeddings.position_embeddings.weight"),
-        R("model.decoder.final_layer_norm.weight", "opt.decoder.final_layer_norm.weight", when=final),
-        R("model.decoder.final_layer_norm.bias", "opt.decoder.final_layer_norm.bias", when=final),
-        R("lm_head.weight", "lm_head.decoder_weight"),
+        R("model.decoder.embed_tokens.weight", "opt.embeddings.word_embeddings.weight", shape="V,H"),
+        R(
+            "model.decoder.embed_positions.weight",
+            "opt.embeddings.position_embeddings.weight",
+            shape="P2,H",
+        ),
+        R(
+            "model.decoder.final_layer_norm.weight",
+            "opt.decoder.final_layer_norm.weight",
+            when=final,
+            shape="H",
+        ),
+        R("model.decoder.final_layer_norm.bias", "opt.decoder.final_layer_norm.bias", when=final, shape="H"),
+        R("lm_head.weight", "lm_head.decoder_weight", shape="V,H"),
     ]
     for hf_name, pd_name in (("self_attn_layer_norm", "norm1"), ("final_layer_norm", "norm2")):
         for kind in ("weight", "bias"):
-            rules.append(R(f"{h}.{hf_name}.{kind}", f"{p}.{pd_name}.{kind}"))
-    linears = [(f"self_attn.{x}", f"self_attn.{x}") for x in ("q_proj", "k_proj", "v_proj", "out_proj")]
-    for hf_name, pd_name in linears + [("fc1", "linear1"), ("fc2", "linear2")]:
-        rules.append(R(f"{h}.{hf_name}.weight", f"{p}.{pd_name}.weight", "T"))
-        rules.append(R(f"{h}.{hf_name}.bias", f"{p}.{pd_name}.bias", when=bias))
+            rules.append(R(f"{h}.{hf_name}.{kind}", f"{p}.{pd_name}.{kind}", shape="H"))
+    linears = [
+        (f"self_attn.{x}", f"self_attn.{x}", "H,H") for x in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ]
+    for hf_name, pd_name, shape in linears + [("fc1", "linear1", "F,H"), ("fc2", "linear2", "H,F")]:
+        rules.append(R(f"{h}.{hf_name}.weight", f"{p}.{pd_name}.weight", "T", shape=shape))
+        rules.append(R(f"{h}.{hf_name}.bias", f"{p}.{pd_name}.bias", when=bias, shape=shape.split(",")[0]))
     return rules
 
 

@@ -108,20 +108,66 @@ def from_numpy(arr: np.ndarray, paddle_u16_is_bf16: bool = False) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # safetensors
 # --------------------------------------------------------------------------------------------------
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_ST_ITEMSIZE.update({"BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1})
+TRUNCATED = "truncated download?"
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when the message is empty)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 def read_safetensors_header(path: str) -> tuple[dict[str, Any], dict[str, str], int]:
-    """(tensor entries, ``__metadata__``, byte offset of the data section) of a safetensors file."""
+    """(tensor entries, ``__metadata__``, byte offset of the data section) of a safetensors file.
+
+    The header is checked against the file: every tensor's byte range must match its shape and dtype and lie
+    inside the data section, so a truncated or corrupt file is one :class:`ModelError` here, not a crash later.
+    """
     try:
+        total = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError("file too short")
+                raise ModelError(
+                    f"{path}: not a safetensors file ({total} bytes, shorter than its 8-byte header "
+                    f"length; {TRUNCATED})"
+                )
             (size,) = struct.unpack("<Q", raw)
             if size > 100_000_000:
-                raise ValueError("header too large")
+                raise ValueError(f"header length {size} is implausible")
+            if 8 + size > total:
+                raise ModelError(
+                    f"{path}: the header needs {size} bytes but only {total - 8} follow ({TRUNCATED})"
+                )
             header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
     except (OSError, ValueError) as err:
         raise ModelError(f"{path}: not a readable safetensors file ({err})") from None
     metadata = header.pop("__metadata__", None) or {}
+    data_size, needed = total - 8 - size, 0
+    for name, entry in header.items():
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            count = int(np.prod([int(d) for d in entry["shape"]], dtype=np.int64))
+            dtype = entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(
+                f"{path}: corrupt safetensors header (entry '{name}' lacks dtype/shape/offsets)"
+            ) from None
+        width = _ST_ITEMSIZE.get(dtype)
+        if begin < 0 or end < begin or (width is not None and end - begin != count * width):
+            raise ModelError(
+                f"{path}: corrupt safetensors header ('{name}' is {dtype}{list(entry['shape'])} but spans bytes "
+                f"{begin}..{end})"
+            )
+        needed = max(needed, end)
+    if needed > data_size:
+        raise ModelError(
+            f"{path}: data section is {data_size} bytes, the header needs {needed} ({TRUNCATED})"
+        )
     return header, metadata, 8 + size
 
 
@@ -240,23 +286,42 @@ def write_state(path: str, items: Iterable[Pending], safe: bool) -> None:
 # --------------------------------------------------------------------------------------------------
 # torch .bin and paddle .pdparams (pickle-based; only files the user pointed at)
 # --------------------------------------------------------------------------------------------------
+def check_pickle_file(path: str) -> None:
+    """Cheap completeness checks of a pickle-based weight file (no unpickling): an empty file, a torch zip
+    archive without its end-of-archive record, or a paddle pickle that does not end with pickle's STOP."""
+    try:
+        total = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, total - 65_558))  # the zip end record (22 bytes + a comment of up to 64 KiB)
+            tail = f.read()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read ({err})") from None
+    if total == 0:
+        raise ModelError(f"{path}: empty file (0 bytes; {TRUNCATED})")
+    if head == b"PK\x03\x04":
+        if b"PK\x05\x06" not in tail:
+            raise ModelError(f"{path}: zip archive without its end record: the file is cut off ({TRUNCATED})")
+    elif path.endswith(".pdparams") and not tail.endswith(b"."):
+        raise ModelError(f"{path}: the pickle is cut off (no end marker after {total} bytes; {TRUNCATED})")
+
+
 class TorchBinFile:
-    """``torch.load(weights_only=True, mmap=True)`` reader; falls back to a full load for legacy files."""
+    """``torch.load(weights_only=True, mmap=True)`` reader; legacy (non-zip) files are loaded whole."""
 
     def __init__(self, path: str) -> None:
         import torch
 
         self.path = path
+        check_pickle_file(path)
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
         try:
-            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err) and "zip" not in str(err):
-                raise ModelError(
-                    f"{path}: cannot read torch checkpoint ({str(err).splitlines()[0]})"
-                ) from None
-            self._state = torch.load(path, map_location="cpu", weights_only=True)
+            self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt/unsafe pickles
-            raise ModelError(f"{path}: cannot read torch checkpoint ({str(err).splitlines()[0]})") from None
+            raise ModelError(
+                f"{path}: cannot read torch checkpoint ({first_line(err)}; truncated or corrupt file?)"
+            ) from None
         if not isinstance(self._state, dict):
             raise ModelError(f"{path}: expected a state dict, found {type(self._state).__name__}")
         self.metadata: dict[str, str] = {"format": "pt"}
@@ -288,10 +353,13 @@ class PdparamsFile:
         import paddle
 
         self.path = path
+        check_pickle_file(path)
         try:
             state = paddle.load(path, return_numpy=True)
         except Exception as err:  # noqa: BLE001 - paddle raises many types for corrupt pickles
-            raise ModelError(f"{path}: cannot read paddle weights ({str(err).splitlines()[0]})") from None
+            raise ModelError(
+                f"{path}: cannot read paddle weights ({first_line(err)}; truncated or corrupt file?)"
+            ) from None
         if not isinstance(state, dict):
             raise ModelError(f"{path}: expected a state dict, found {type(state).__name__}")
         self._state = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}

@@ -141,6 +141,12 @@ class ExportArgument:
     """Where ``export_model.py`` writes the static model."""
 
     output_path: str = field(metadata={"help": "Output directory of the static model (required)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an existing non-empty output_path (only files this toolkit wrote are replaced)."
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------ resolving

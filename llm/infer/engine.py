@@ -258,7 +258,9 @@ def create_engine(
     ``backend``: ``auto`` (the family's fast step kernel with a preallocated cache; models outside a
     kernel's configuration fall back to the generic path), ``fast`` (refuse such models) or ``generic``
     (the model's own forward and ``past_key_values``). ``max_seq_len`` caps prompt + new tokens (default:
-    the model's position limit). ``dtype`` must be the model's dtype (CPU kernels: float32).
+    the model's position limit). ``dtype`` must be the model's dtype. On CPU: float32, or bfloat16 (weights
+    stay bfloat16, each is widened to float32 where it is used, activations and KV cache are float32: paddle
+    2.6 has no CPU bfloat16 matmul/norm/softmax kernels); float16 is refused (no CPU float16 kernels).
     """
     from llm.infer.decoders import make_runner
 

@@ -4,8 +4,9 @@ The output directory gets the static program/parameters (:func:`llm.infer.static
 ``config.json``, ``generation_config.json``, the tokenizer files, the chat template and
 ``export_info.json`` (the export-time ``src_length``/``max_length``, the static predictor's defaults). LoRA is merged
 before export; a prefix-tuned model is exported with its prefix key/values (the engine stores them). Everything is written to
-a temporary sibling directory that is renamed into place only when complete, so an interrupted export
-never leaves a half-written model behind (an existing output directory is replaced).
+a staged directory published by the output-path policy of :mod:`llm.outputs`: the output may not be or
+overlap the model or adapter directories, an existing non-empty one needs ``--overwrite``, and an interrupted
+export never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.errors import ConfigError, ModelError, exit_on_user_error
-from llm.fileio import staged_dir, try_read_json, write_json
+from llm.fileio import try_read_json, write_json
 from llm.infer.arguments import ExportArgument, ModelArgument, PredictorArgument
+from llm.outputs import check_output_path, require_complete, staged_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 EXPORT_INFO = "export_info.json"  # the export-time src_length/max_length: static predict defaults
@@ -29,16 +31,25 @@ def check_static_dir(path: str, model_prefix: str = "model") -> None:
     The static files' stem is the one recorded in ``engine.json`` (``model_prefix`` when there is none).
     """
     from llm.infer.static import META_FILE
+    from llm.model.loading import WEIGHT_FILES
 
+    require_complete(path)
     stem = try_read_json(os.path.join(path, META_FILE)).get("model_prefix", model_prefix)
     names = ("config.json", f"{stem}.pdmodel", f"{stem}.pdiparams", META_FILE)
     missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
     if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
         missing.append("tokenizer files")
+    dynamic = any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_FILES)
+    if missing and dynamic and not os.path.isfile(os.path.join(path, META_FILE)):
+        raise ModelError(
+            f"{path}: not an exported static model (no {META_FILE}); drop --mode static to run it as it is, "
+            f"or export it first: export_model.py --model_name_or_path {path} "
+            f"--output_path {os.path.normpath(path)}_static"
+        )
     if missing:
         raise ModelError(
-            f"{path}: not a complete static model, missing {', '.join(missing)}; create it with "
-            f"export_model.py --model_name_or_path MODEL --output_path {path}"
+            f"{path}: not a complete static model, missing {', '.join(missing)}; export it again with "
+            "export_model.py --model_name_or_path MODEL --output_path DIR"
         )
 
 
@@ -47,7 +58,7 @@ def read_export_info(path: str) -> dict[str, Any]:
     return try_read_json(os.path.join(path, EXPORT_INFO))
 
 
-def export(args: PredictorArgument, output_path: str) -> str:
+def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -> str:
     """Load (and LoRA-merge) the model of ``args`` and write the static model to ``output_path``."""
     from llm.infer import static
     from llm.infer.predictor import load_dynamic, require_model_dir, set_device
@@ -56,13 +67,12 @@ def export(args: PredictorArgument, output_path: str) -> str:
     if args.mode == "static":
         raise ConfigError("export_model.py exports a dynamic model; drop --mode static")
     static.check_stem(args.model_prefix)
+    inputs = (path, args.lora_path, args.prefix_path)
+    output_path = check_output_path(output_path, inputs=inputs, overwrite=overwrite, what="output_path")
     set_device(args.device)
     tokenizer, model, src_length, max_length, dtype = load_dynamic(args, path)
 
-    output_path = os.path.abspath(output_path)
-    if os.path.lexists(output_path) and not os.path.isdir(output_path):
-        raise ConfigError(f"output_path {output_path} exists and is not a directory")
-    with staged_dir(output_path) as tmp:  # an existing output directory is replaced
+    with staged_output(output_path, writer="export_model", inputs=inputs, overwrite=overwrite) as tmp:
         static.export_engine(
             model, tmp, max_seq_len=src_length + max_length, dtype=dtype, model_prefix=args.model_prefix
         )
@@ -95,4 +105,4 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("missing required argument 'output_path' (pass --output_path DIR)")
     if not args.model_name_or_path:
         raise ModelError("missing required argument 'model_name_or_path' (pass --model_name_or_path DIR)")
-    export(args, export_args.output_path)
+    export(args, export_args.output_path, overwrite=export_args.overwrite)

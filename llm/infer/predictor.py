@@ -34,6 +34,7 @@ from llm.infer.arguments import (
     sampling_settings,
 )
 from llm.infer.streaming import stream_text
+from llm.outputs import require_complete, unfinished_training_hint
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +64,25 @@ def set_device(device: str | None) -> str:
 
 
 def require_model_dir(path: str | None) -> str:
-    """``path`` if it is a directory with ``config.json``, else a one-line :class:`ModelError`."""
+    """``path`` if it is a complete directory with ``config.json``, else a one-line :class:`ModelError`."""
     if not path:
         raise ConfigError("missing required argument 'model_name_or_path' (pass --model_name_or_path DIR)")
     if not os.path.isdir(path):
         raise ModelError(f"model directory not found: '{path}'")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelError(f"{path}: no config.json (expected a model directory or an export_model.py output)")
+        raise ModelError(
+            f"{path}: no config.json (expected a model directory or an export_model.py output)"
+            f"{unfinished_training_hint(path)}"
+        )
+    require_complete(path)
     return path
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse a dtype the current device cannot run (one line naming the dtypes it can)."""
+    from llm.model.loading import check_device_dtype
+
+    check_device_dtype(dtype)
 
 
 def adapter_dtype(args: PredictorArgument) -> str:
@@ -117,6 +129,7 @@ class Predictor:
         sampling_settings(args, path)  # fail fast on bad settings, before any weights load
         if args.mode == "static":
             return cls._from_static(args, path)
+        check_dtype(adapter_dtype(args))  # before a Hugging Face directory is converted and cached
         loaded = load_dynamic(args, path)
         engine = create_engine(loaded.model, max_batch_size=args.batch_size, dtype=loaded.dtype)
         return cls._finish(args, path, engine, loaded.tokenizer, loaded.src_length, loaded.max_length)

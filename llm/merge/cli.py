@@ -41,6 +41,12 @@ class MergeLoraArguments:
     verify_tolerance: float = dataclasses.field(
         default=1e-5, metadata={"help": "max |merged - unmerged| logits, relative to max(1, max |logit|)"}
     )
+    overwrite: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "write into an existing non-empty output (only files this toolkit wrote are replaced)"
+        },
+    )
 
     def __post_init__(self) -> None:
         new, old = self.merge_lora_model_path, self.merge_model_path
@@ -66,6 +72,7 @@ def merge_lora_main(argv: Sequence[str] | None = None) -> None:
         model_name_or_path=args.model_name_or_path,
         safe_serialization=args.safe_serialization,
         tolerance=args.verify_tolerance,
+        overwrite=args.overwrite,
     )
     print(
         f"merged {report.merged_layers} LoRA layers of {report.base_model} into {report.output_path} "
@@ -94,6 +101,10 @@ class MergeTPArguments:
     safe_serialization: bool = dataclasses.field(
         default=True, metadata={"help": "write safetensors (true) or .pdparams (false)"}
     )
+    overwrite: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "replace an existing output (only files this toolkit wrote are replaced)"},
+    )
 
 
 @exit_on_user_error
@@ -113,6 +124,7 @@ def merge_tp_main(argv: Sequence[str] | None = None) -> str:
             max(args.tensor_parallel_degree, 1),
             max(args.pipeline_parallel_degree, 1),
             args.safe_serialization,
+            overwrite=args.overwrite,
         )
         print(f"wrote shards to {out}")
         return out
@@ -122,7 +134,7 @@ def merge_tp_main(argv: Sequence[str] | None = None) -> str:
         found = max((k[index] for k in shards), default=-1) + 1
         if want > 0 and shards and want != found:
             raise ConfigError(f"--{flag} {want} does not match the {found} shard(s) found in {src}")
-    out = merge_tensor_parallel(src, args.output_path, args.safe_serialization)
+    out = merge_tensor_parallel(src, args.output_path, args.safe_serialization, overwrite=args.overwrite)
     print(f"merged {len(shards)} shards into {out}")
     return out
 

@@ -33,7 +33,8 @@ from llm.convert.checkpoint import open_checkpoint
 from llm.convert.core import copy_tokenizer_files
 from llm.convert.tensors import Pending, from_numpy, to_float32, write_state
 from llm.errors import ConfigError, ModelError
-from llm.fileio import check_not_source, read_json, staged_dir, write_json
+from llm.fileio import read_json, write_json
+from llm.outputs import check_output_path, staged_output
 
 LORA_CONFIG = "lora_config.json"
 LORA_PDPARAMS = "lora_model_state.pdparams"
@@ -217,17 +218,20 @@ def attach_adapter(adapter: Adapter, model: paddle.nn.Layer) -> tuple[Any, list[
 
 
 def _delta(layer: Any) -> paddle.Tensor:
-    return layer.lora_A @ layer.lora_B * layer.scaling
+    """``A @ B * scaling`` in float32 (paddle 2.6 has no CPU matmul/add for half precision)."""
+    return layer.lora_A.astype("float32") @ layer.lora_B.astype("float32") * layer.scaling
 
 
 def merge_layers(layers: list[tuple[str, Any]]) -> int:
-    """``W += A @ B * scaling`` on every (unmerged) layer, marking it merged; returns how many weights changed."""
+    """``W += A @ B * scaling`` on every (unmerged) layer, marking it merged; returns how many weights changed.
+
+    The sum is formed in float32 and stored in the weight's dtype (a bfloat16 model merges on CPU too)."""
     changed = 0
     with paddle.no_grad():
         for _, layer in layers:
             old = layer.weight.numpy().copy()
-            delta = _delta(layer)
-            layer.weight.set_value(layer.weight + delta.astype(layer.weight.dtype))
+            merged = layer.weight.astype("float32") + _delta(layer)
+            layer.weight.set_value(merged.astype(layer.weight.dtype))
             layer.merged = True
             changed += int(not np.array_equal(old, layer.weight.numpy()))
             del old
@@ -316,12 +320,14 @@ def merge_lora_checkpoint(
     safe_serialization: bool = True,
     tolerance: float = 1e-5,
     probe: np.ndarray | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Merge the adapter in ``lora_path`` into its base and write a full model directory to ``output_path``.
 
     The base defaults to ``base_model_name_or_path`` in ``lora_config.json`` and may be a Hugging Face
     directory. The merge runs in float32. Verification (see the module docstring) compares logits with
-    ``max |merged - unmerged| <= tolerance * max(1, max |unmerged|)``.
+    ``max |merged - unmerged| <= tolerance * max(1, max |unmerged|)``. ``output_path`` follows the output-path
+    policy of :mod:`llm.outputs` (an existing non-empty directory needs ``overwrite``).
     """
     from paddlenlp.quantization.quantization_config import QuantizationConfig
 
@@ -334,7 +340,8 @@ def merge_lora_checkpoint(
     )
     if not base:
         raise ConfigError(f"{lora_path}/{LORA_CONFIG} names no base model; pass --model_name_or_path")
-    check_not_source(output_path, lora_path, base)
+    inputs = (lora_path, base)
+    check_output_path(output_path, inputs=inputs, overwrite=overwrite, what="merge_lora_model_path")
     adapter = read_adapter(lora_path, os.path.join(base, "config.json"))
 
     model = load_model(base, dtype="float32")
@@ -346,7 +353,7 @@ def merge_lora_checkpoint(
     config = model.config
     config.quantization_config = QuantizationConfig()  # the merged model is a plain float model
     config.dtype = "float32"
-    with staged_dir(output_path) as tmp:
+    with staged_output(output_path, writer="merge_lora_params", inputs=inputs, overwrite=overwrite) as tmp:
         _write_model(lora_model.model, tmp, safe_serialization)
         config.save_pretrained(tmp)
         for source in (base, lora_path):

@@ -25,8 +25,16 @@ import numpy as np
 from llm.convert.checkpoint import open_checkpoint
 from llm.convert.core import copy_tokenizer_files
 from llm.convert.tensors import Pending, Tensor, open_weight_file, write_state
-from llm.errors import ModelError
-from llm.fileio import check_not_source, read_json, staged_dir, staged_file, write_json
+from llm.errors import ConfigError, ModelError
+from llm.fileio import read_json, staged_file, write_json
+from llm.outputs import (
+    check_output_path,
+    is_complete,
+    mark_complete,
+    mark_in_progress,
+    require_complete,
+    staged_output,
+)
 
 logger = logging.getLogger(__name__)
 SHARD_RE = re.compile(
@@ -138,15 +146,16 @@ def tp_actions(
                 f"{model_class.__name__} has no tensor-parallel mappings in paddlenlp 2.8.1"
             ) from None
         mappings = chatglm_v2_mappings(config, is_split)
-    prefix = getattr(model_class, "base_model_prefix", "")
-    present = set(keys)
     actions: dict[str, Callable[..., Any]] = {}
     unresolved = []
     for name, action in mappings.items():
-        for candidate in (name, f"{prefix}.{name}"):
-            if candidate in present:
-                actions[candidate] = action
-                break
+        # as paddlenlp's _resolve_prefix_keys: the mapping key is a suffix of the stored one (GPT maps
+        # "layers.0.linear1.weight" onto "gpt.decoder.layers.0.linear1.weight"), here on a dot boundary
+        found = [k for k in keys if k == name or k.endswith("." + name)]
+        if len(found) > 1:
+            raise ModelError(f"tensor-parallel mapping key '{name}' matches several tensors: {found[:3]}")
+        if found:
+            actions[found[0]] = action
         else:
             unresolved.append(name)
     if unresolved:
@@ -185,19 +194,28 @@ def _model_class_and_config(directory: str) -> tuple[type, Any]:
 
 
 def merge_tensor_parallel(
-    directory: str, output_path: str | None = None, safe_serialization: bool = True
+    directory: str, output_path: str | None = None, safe_serialization: bool = True, overwrite: bool = False
 ) -> str:
     """Merge the shards in ``directory`` into one model; returns the directory written.
 
-    Without ``output_path`` the merged ``model.safetensors`` (or ``model_state.pdparams``) is written next to
-    the shards (atomically, via a temporary file) and ``config.json`` is updated to degree 1.
+    Without ``output_path`` (PaddleNLP's behaviour) the merged ``model.safetensors`` (or
+    ``model_state.pdparams``) is added next to the shards (atomically, via a temporary file; an existing merged
+    file needs ``overwrite``) and ``config.json`` is updated to degree 1. Another ``output_path`` follows the
+    output-path policy of :mod:`llm.outputs`.
     """
-    in_place = output_path is None or os.path.realpath(output_path) == os.path.realpath(directory)
-    if not in_place:
-        check_not_source(str(output_path), directory)
+    require_complete(directory)
     shards = find_shards(directory)
     model_class, config = _model_class_and_config(directory)
     tp, pp = shard_grid(directory, shards, config)
+    in_place = output_path is None or os.path.realpath(output_path) == os.path.realpath(directory)
+    if in_place:
+        merged_file = os.path.join(directory, _merged_name(safe_serialization))
+        if os.path.exists(merged_file) and not overwrite:
+            raise ConfigError(
+                f"{merged_file} already exists; pass --overwrite to merge again, or --output_path DIR"
+            )
+    else:
+        check_output_path(str(output_path), inputs=(directory,), overwrite=overwrite)
     if tp == 1 and pp == 1:
         logger.warning("only one shard in %s: nothing to merge, rewriting it as one model file", directory)
     states = [_load_rank(directory, [shards[(t, p)] for p in range(pp)]) for t in range(tp)]
@@ -224,7 +242,7 @@ def merge_tensor_parallel(
             del s[key]
         logger.info("merged %s %s %s", key, list(merged[key].array.shape), merged[key].dtype)
     config.tensor_parallel_degree, config.pipeline_parallel_degree = 1, 1
-    return _save(merged, config, directory, output_path, safe_serialization)
+    return _save(merged, config, directory, output_path, safe_serialization, overwrite)
 
 
 def _write_state(state: dict[str, Tensor], path: str, safe: bool) -> None:
@@ -233,16 +251,26 @@ def _write_state(state: dict[str, Tensor], path: str, safe: bool) -> None:
     )
 
 
-def _save(state: dict[str, Tensor], config: Any, src: str, output_path: str | None, safe: bool) -> str:
-    name = "model.safetensors" if safe else "model_state.pdparams"
+def _merged_name(safe: bool) -> str:
+    return "model.safetensors" if safe else "model_state.pdparams"
+
+
+def _save(
+    state: dict[str, Tensor], config: Any, src: str, output_path: str | None, safe: bool, overwrite: bool
+) -> str:
+    name = _merged_name(safe)
     if output_path is None or os.path.abspath(output_path) == os.path.abspath(src):
+        # readers refuse the directory while it holds shards and a half-updated config
+        marked = is_complete(src)
+        mark_in_progress(src, "merge_tp_params")
         with staged_file(os.path.join(src, name)) as tmp_file:
             _write_state(state, tmp_file, safe)
         cfg = read_json(os.path.join(src, "config.json"))
         cfg.update(tensor_parallel_degree=1, pipeline_parallel_degree=1)
         write_json(os.path.join(src, "config.json"), cfg, sort_keys=True)
+        mark_complete(src, "merge_tp_params", was_complete=marked)
         return src
-    with staged_dir(output_path) as tmp:
+    with staged_output(output_path, writer="merge_tp_params", inputs=(src,), overwrite=overwrite) as tmp:
         _write_state(state, os.path.join(tmp, name), safe)
         config.save_pretrained(tmp)
         copy_tokenizer_files(src, tmp)
@@ -276,19 +304,22 @@ def split_tensor_parallel(
     tensor_parallel_degree: int,
     pipeline_parallel_degree: int = 1,
     safe_serialization: bool = True,
+    overwrite: bool = False,
 ) -> str:
     """Split the model in ``directory`` into ``tp x pp`` shards written to ``output_path`` (the inverse of
     :func:`merge_tensor_parallel`, with the same mappings)."""
     tp, pp = int(tensor_parallel_degree), int(pipeline_parallel_degree)
     if tp < 1 or pp < 1 or tp * pp < 2:
         raise ModelError(f"nothing to split: tensor_parallel_degree={tp}, pipeline_parallel_degree={pp}")
-    check_not_source(output_path, directory)
+    check_output_path(output_path, inputs=(directory,), overwrite=overwrite)
     model_class, config = _model_class_and_config(directory)
     ckpt = open_checkpoint(directory, paddle_layout=True)
     full = {k: ckpt.get(k) for k in ckpt.keys()}
     layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1))
     try:
-        with staged_dir(output_path) as tmp:
+        with staged_output(
+            output_path, writer="merge_tp_params", inputs=(directory,), overwrite=overwrite
+        ) as tmp:
             config.tensor_parallel_degree = tp
             for t in range(tp):
                 config.tensor_parallel_rank = t

@@ -10,12 +10,18 @@ Fixes applied by :func:`apply_family_fixes` (per model instance, never globally)
   adapter turns 2-D padding masks / missing or 2-D position ids into that form.
 * **glm**: same adapter (GLM's own 1-D/2-D mask handling is dead code: it compares the ``dim`` method to
   an int), plus a mean loss over ``labels != -100`` (GLM otherwise returns an unreduced loss vector).
+* **opt**: ``OPTForCausalLM.__getattr__`` answers ``None`` for any unknown name, so paddlenlp's Trainer sees a
+  ``no_sync`` and calls ``None()`` with ``gradient_accumulation_steps > 1``; the model gets a no-op ``no_sync``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import struct
 import types
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,11 +29,14 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddlenlp.transformers import PretrainedConfig, PretrainedModel
+from safetensors import SafetensorError
 
 from llm.convert.cache import ensure_paddle_dir
+from llm.convert.checkpoint import check_weight_files
 from llm.errors import ConfigError, ModelError
 from llm.fileio import read_json
 from llm.model.families import FamilySpec, family_of
+from llm.outputs import require_complete, unfinished_training_hint
 
 IGNORE_INDEX = -100
 WEIGHT_FILES = (
@@ -201,6 +210,8 @@ def apply_family_fixes(model: PretrainedModel, fresh_init: bool = False) -> Pret
         model.forward = types.MethodType(_chatglm_forward, model)
     elif spec.input_style == "glm":
         model.forward = types.MethodType(_glm_forward, model)
+    elif spec.name == "opt":
+        model.no_sync = contextlib.nullcontext  # single process: nothing to sync (DataParallel has its own)
     model._llm_fixes_applied = True
     return model
 
@@ -229,6 +240,56 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
+#: dtypes a model can run in on CPU: paddle 2.6 has no CPU float16 kernels for basic ops (matmul, unsqueeze,
+#: index_select); bfloat16 weights are stored as such and computed in float32 (see llm.infer.decoders.base)
+CPU_DTYPES = ("float32", "bfloat16")
+
+
+def device_dtypes(device: str | None = None) -> tuple[str, ...]:
+    """The model dtypes that run on ``device`` (default: paddle's current device)."""
+    device = str(device or paddle.get_device()).lower()
+    if device.startswith("cpu"):
+        return CPU_DTYPES
+    if device.startswith("gpu"):
+        try:
+            supported = (paddle.amp.is_float16_supported(), paddle.amp.is_bfloat16_supported())
+        except Exception:  # noqa: BLE001 - query failures mean "unknown": allow and let paddle decide
+            return DTYPES
+        return ("float32",) + tuple(d for d, ok in zip(("float16", "bfloat16"), supported) if ok)
+    return DTYPES
+
+
+def check_device_dtype(dtype: str, device: str | None = None) -> None:
+    """Refuse a model dtype ``device`` cannot run (one :class:`ConfigError` line naming the dtypes it can)."""
+    device = str(device or paddle.get_device())
+    allowed = device_dtypes(device)
+    if dtype not in allowed:
+        why = " (paddle 2.6 has no CPU float16 kernels)" if device.startswith("cpu") else ""
+        raise ConfigError(
+            f"dtype {dtype} does not run on {device}{why}; dtypes that run on this device: {', '.join(allowed)}"
+        )
+
+
+def is_cpu_half(dtype: str) -> bool:
+    """A half-precision dtype on the CPU (stored in that dtype, computed in float32)."""
+    return dtype in ("float16", "bfloat16") and str(paddle.get_device()).startswith("cpu")
+
+
+#: what paddlenlp's loaders raise for truncated or corrupt weight files
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    AssertionError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    struct.error,
+    SafetensorError,
+)
+
+
 def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -> PretrainedModel:
     """Load a local model dir: paddlenlp layout (``config.json`` + ``model_state.pdparams`` or ``model.safetensors``)
     or a Hugging Face checkpoint, which is converted on the fly and cached (see :mod:`llm.convert.cache`).
@@ -238,13 +299,15 @@ def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -
     weights raise :class:`ModelError` naming the directory and the expected files.
     """
     dtype = _check_dtype(dtype)
+    check_device_dtype(dtype)  # before anything is converted or cached
     path = os.fspath(model_name_or_path) if model_name_or_path is not None else ""
     expected = "config.json plus model_state.pdparams or model.safetensors (or a sharded *.index.json)"
     if not path or not os.path.isdir(path):
         raise ModelError(f"model directory not found: '{path}' (expected a local directory with {expected})")
+    require_complete(path)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise ModelError(f"{path}: no config.json (expected {expected})")
+        raise ModelError(f"{path}: no config.json (expected {expected}){unfinished_training_hint(path)}")
     load_kwargs = {k: kwargs.pop(k) for k in _FROM_PRETRAINED_KWARGS if k in kwargs}
     converted = ensure_paddle_dir(path, dtype=dtype)
     if converted != path:  # a Hugging Face directory, converted once and cached
@@ -254,15 +317,19 @@ def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -
     has_torch = any(os.path.isfile(os.path.join(path, f)) for f in TORCH_WEIGHT_FILES)
     if not has_weights and not (has_torch and load_kwargs.get("convert_from_torch")):
         hint = " (found pytorch_model.bin: pass convert_from_torch=True)" if has_torch else ""
+        hint = hint or unfinished_training_hint(path)
         raise ModelError(f"{path}: no model weights found; expected one of {', '.join(WEIGHT_FILES)}{hint}")
     spec = family_of(read_json(config_file, "config"))
+    check_weight_files(path)  # truncated or corrupt: one line naming the file, before paddlenlp reads it
     config = spec.config_class.from_pretrained(path)
     for key, value in kwargs.items():
         setattr(config, key, value)
     config.dtype = dtype
+    if is_cpu_half(dtype):  # random init in bfloat16 has no CPU kernel: build lazily, load straight into it
+        load_kwargs.setdefault("low_cpu_mem_usage", True)
     try:
         model = spec.model_class.from_pretrained(path, config=config, dtype=dtype, **load_kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, AssertionError) as err:
+    except _LOAD_ERRORS as err:
         raise ModelError(
             f"{path}: cannot load {spec.model_class.__name__} weights ({_first_line(err)})"
         ) from None

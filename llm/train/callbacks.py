@@ -8,7 +8,9 @@ from typing import Any
 
 from paddlenlp.trainer import TrainerCallback
 
-from .checkpoint import mark_complete, rotate_checkpoints
+from llm.outputs import mark_complete
+
+from .checkpoint import rotate_checkpoints
 
 LOG_NAME = "training_log.jsonl"
 PLOT_NAME = "loss_curve.png"
@@ -49,14 +51,18 @@ class MetricsLogCallback(TrainerCallback):
 
 class CheckpointMarkerCallback(TrainerCallback):
     """Mark ``checkpoint-N`` complete once the Trainer has finished writing it (resume only trusts marked ones),
-    then apply ``save_total_limit`` (see :func:`rotate_checkpoints`; :class:`CausalLMTrainer` leaves it to us).
+    recording the run's ``settings`` (see :func:`llm.train.checkpoint.run_settings`), then apply
+    ``save_total_limit`` (see :func:`rotate_checkpoints`; :class:`CausalLMTrainer` leaves it to us).
     """
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings = settings or {}
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(path):
-                mark_complete(path, state.global_step)
+                mark_complete(path, "training checkpoint", global_step=state.global_step, run=self.settings)
                 rotate_checkpoints(args.output_dir, args.save_total_limit, path, state.best_model_checkpoint)
 
 

@@ -12,7 +12,8 @@ import os
 from typing import Any
 
 import paddle
-from paddlenlp.trainer import set_seed
+from paddlenlp.trainer import TrainerState, set_seed
+from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
 from paddlenlp.utils.log import logger
 
 import llm  # noqa: F401  (zlib fix before paddle)
@@ -28,12 +29,14 @@ from llm.config import (
 )
 from llm.data import DataCollator, load_split
 from llm.errors import ConfigError, exit_on_user_error
+from llm.fileio import staged_file, write_json
 from llm.model import apply_peft, enable_neftune, family_of, load_model
+from llm.outputs import check_output_path, is_complete, new_staging_dir, publish, staging_path
 from llm.templates import resolve_chat_template
 from llm.tokenizer import load_tokenizer
 
 from .callbacks import CheckpointMarkerCallback, MetricsLogCallback
-from .checkpoint import clear_marker, find_last_checkpoint, mark_complete
+from .checkpoint import checkpoint_step, choose_resume, run_settings
 from .metrics import make_generation_metrics, token_accuracy
 from .trainer import CausalLMTrainer, ListDataset
 
@@ -46,17 +49,6 @@ def _print_arguments(groups: tuple) -> None:
         for key, value in sorted(vars(group).items()):
             if not key.startswith("_"):
                 logger.info(f"{key}: {value}")
-
-
-def _resume_checkpoint(training_args: FinetuneArguments) -> str | None:
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if training_args.overwrite_output_dir or not training_args.do_train:
-        return None
-    last = find_last_checkpoint(training_args.output_dir)
-    if last:
-        logger.info(f"resuming from the newest complete checkpoint: {last}")
-    return last
 
 
 def _load_features(
@@ -94,6 +86,19 @@ def _run(argv: list[str] | None) -> dict[str, float]:
             "quantization (do_ptq / do_gptq / do_qat / weight_quantize_algo) is not part of this release "
             "yet: only SFT, LoRA and Prefix tuning"
         )
+    check_output_path(
+        training_args.output_dir,
+        inputs=(
+            model_args.model_name_or_path,
+            data_args.dataset_name_or_path,
+            model_args.lora_path,
+            model_args.prefix_path,
+        ),
+        allow_existing=True,
+        what="output_dir",
+    )
+    settings = run_settings(model_args, data_args, training_args)
+    resume = choose_resume(training_args, settings) if training_args.do_train else None
     _print_arguments((model_args, data_args, quant_args, gen_args))
     logger.info(
         f"rank {training_args.process_index}, device {training_args.device}, "
@@ -152,25 +157,22 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         compute_metrics=make_generation_metrics(set(tokenizer.eos_token_ids))
         if do_generation
         else token_accuracy,
-        callbacks=[MetricsLogCallback(), CheckpointMarkerCallback()],
+        callbacks=[MetricsLogCallback(), CheckpointMarkerCallback(settings)],
         do_generation=do_generation,
         gen_kwargs=gen_kwargs,
     )
 
     results: dict[str, float] = {}
     if training_args.do_train:
-        if training_args.should_save:
-            clear_marker(training_args.output_dir)  # the final model is about to be rewritten
-        train_result = trainer.train(resume_from_checkpoint=_resume_checkpoint(training_args))
+        train_result = _train(trainer, resume)
         if neftune is not None:
             neftune.remove()
-        trainer.save_model(merge_tensor_parallel=training_args.tensor_parallel_degree > 1)
-        if training_args.should_save:
-            mark_complete(training_args.output_dir, trainer.state.global_step)
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-        results.update(train_result.metrics)
+        saved = save_final_model(trainer, settings, resumed_step=checkpoint_step(resume) if resume else None)
+        if saved and train_result is not None:
+            trainer.log_metrics("train", train_result.metrics)
+            trainer.save_metrics("train", train_result.metrics)
+            trainer.save_state()
+            results.update(train_result.metrics)
     if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
@@ -184,9 +186,57 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         trainer.save_metrics("test", metrics)
         results.update(metrics)
     if training_args.should_save and results:
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+        write_json(os.path.join(training_args.output_dir, "metrics.json"), results, sort_keys=True)
     return results
+
+
+def _train(trainer: CausalLMTrainer, resume: str | None) -> Any:
+    """``trainer.train``, except that resuming at or past ``max_steps`` trains nothing and returns None.
+
+    paddlenlp checks ``max_steps`` only after a step, so a checkpoint taken mid-epoch at ``max_steps`` would be
+    trained one step further; here its weights and trainer state are loaded and nothing else happens.
+    """
+    max_steps = trainer.args.max_steps
+    if resume is None or not 0 < max_steps <= checkpoint_step(resume):
+        return trainer.train(resume_from_checkpoint=resume)
+    logger.warning(f"{resume} is at or past max_steps {max_steps}: nothing to train")
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(os.path.join(resume, TRAINER_STATE_NAME))
+    return None
+
+
+def _barrier(training_args: FinetuneArguments) -> None:
+    if training_args.world_size > 1:
+        paddle.distributed.barrier()
+
+
+def save_final_model(trainer: CausalLMTrainer, settings: dict[str, Any], resumed_step: int | None) -> bool:
+    """Save the trained model into ``output_dir`` through the output-path policy; returns whether it did.
+
+    Every rank saves into one staging directory (a name all ranks compute alike), which rank 0 marks complete
+    and publishes (:func:`llm.outputs.publish`): ``output_dir`` keeps its checkpoints and logs, and a kill at
+    any moment leaves the previous final model or the new one, never a mix. A run that resumed at (or past)
+    ``max_steps`` trained nothing: it does not replace a finished model already in ``output_dir``.
+    """
+    args, step = trainer.args, trainer.state.global_step
+    out = args.output_dir
+    if resumed_step is not None and step <= resumed_step and is_complete(out):
+        logger.warning(
+            f"nothing was trained (resumed at step {resumed_step}, max_steps reached): {out} keeps its "
+            "finished model"
+        )
+        return False
+    key = f"final-{step}"
+    if args.should_save:
+        new_staging_dir(out, key=key)
+    _barrier(args)
+    staging = staging_path(out, key)
+    trainer.save_model(output_dir=staging, merge_tensor_parallel=args.tensor_parallel_degree > 1)
+    _barrier(args)
+    if args.should_save:
+        publish(staging, out, "finetune_generation", global_step=step, run=settings)
+    _barrier(args)
+    return True
 
 
 def _save_generation_output(
@@ -195,7 +245,7 @@ def _save_generation_output(
     """Generate for the eval set and write ``generated_output.json`` lines ``{"output", "tgt"}``."""
     prediction = trainer.predict(ListDataset(features))
     path = os.path.join(out_dir, "generated_output.json")
-    with open(path, "w", encoding="utf-8") as f:
+    with staged_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for output, target in zip(prediction.predictions, prediction.label_ids):
             row = {
                 "output": tokenizer.decode([int(i) for i in output if i >= 0]),

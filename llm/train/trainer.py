@@ -10,12 +10,16 @@ import numpy as np
 import paddle
 from paddle.io import Dataset
 from paddlenlp.trainer import Trainer
-from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR
+from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
+from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from paddlenlp.trainer.utils.helper import distributed_isfile
 
 from llm.model import forward_loss
+from llm.model.recompute import prepare_recompute
+from llm.outputs import mark_in_progress
 
-from .checkpoint import clear_marker
 from .metrics import IGNORE_INDEX
+from .reproducible import EpochShuffleBatchSampler, cpu_generator_seed, seed_cpu_generator, step_seed
 
 
 class ListDataset(Dataset):
@@ -60,21 +64,84 @@ class CausalLMTrainer(Trainer):
         self, *args: Any, do_generation: bool = False, gen_kwargs: dict | None = None, **kwargs: Any
     ):
         super().__init__(*args, **kwargs)
+        prepare_recompute(self.model, self.args)  # CPU RNG-preserving recompute; off for models without it
         self.do_generation = do_generation
         self.gen_kwargs = gen_kwargs or {}
 
     def _save_checkpoint(self, model: paddle.nn.Layer, metrics: dict | None = None) -> None:
-        # Re-saving a step that already has a checkpoint (resume from an older one): its old marker must not
-        # vouch for half-rewritten files. CheckpointMarkerCallback.on_save writes the new marker.
+        # The checkpoint is written in place: readers refuse it until CheckpointMarkerCallback.on_save marks it
+        # complete (re-saving a step that already has a checkpoint drops its old marker first).
         if self.args.should_save:
-            clear_marker(
-                os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            )
+            path = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            mark_in_progress(path, "a training checkpoint save")
         super()._save_checkpoint(model, metrics=metrics)
 
     def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
         """Disabled: paddlenlp rotates by mtime before the completion marker exists, and only when
         ``local_rank == 0`` (never in a single-process run). ``CheckpointMarkerCallback`` rotates instead."""
+
+    def _get_train_sampler(self) -> paddle.io.BatchSampler | None:
+        """Single process: shuffle by (seed, epoch) (:class:`EpochShuffleBatchSampler`) instead of the global numpy
+        RNG, so a run resumed in epoch k replays epoch k's order. Several processes keep paddlenlp's
+        ``DistributedBatchSampler``, already shuffled by epoch."""
+        if self.args.world_size > 1 or self.train_dataset is None or not has_length(self.train_dataset):
+            return super()._get_train_sampler()
+        return EpochShuffleBatchSampler(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            seed=self.args.seed,
+            drop_last=self.args.dataloader_drop_last,
+        )
+
+    def _inner_training_loop(
+        self,
+        args: Any,
+        model: paddle.nn.Layer,
+        train_dataloader: Any,
+        len_dataloader: int | None,
+        max_steps: int,
+        num_train_epochs: int,
+        num_update_steps_per_epoch: int,
+        num_train_samples: int,
+        resume_from_checkpoint: str | None,
+        ignore_keys_for_eval: list[str] | None,
+    ) -> Any:
+        """Fix the per-step seed base, and restore the checkpoint's RNG state before the loop starts.
+
+        paddlenlp restores it only after skipping the first batches of the resumed epoch, i.e. never when the
+        checkpoint is at an epoch boundary (nothing to skip); restoring here covers that case, and the mid-epoch
+        restore after the skip sets the same state again.
+        """
+        if getattr(self, "_rng_base_seed", None) is None:
+            self._rng_base_seed = cpu_generator_seed()  # as Trainer.__init__ seeded it; nothing restored yet
+        self._rng_seeded_step: int | None = None
+        if (
+            resume_from_checkpoint is not None
+            and not args.ignore_load_lr_and_optim
+            and distributed_isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+        ):
+            self._load_rng_state(resume_from_checkpoint)
+        return super()._inner_training_loop(
+            args,
+            model,
+            train_dataloader,
+            len_dataloader,
+            max_steps,
+            num_train_epochs,
+            num_update_steps_per_epoch,
+            num_train_samples,
+            resume_from_checkpoint,
+            ignore_keys_for_eval,
+        )
+
+    def training_step(self, model: paddle.nn.Layer, inputs: dict[str, Any]) -> paddle.Tensor:
+        """Seed paddle's CPU generator from (seed, global step) at each optimizer step's first micro-batch: its
+        checkpointed state does not survive pickling (see :mod:`llm.train.reproducible`), a seed does."""
+        base = getattr(self, "_rng_base_seed", None)
+        if base is not None and self._rng_seeded_step != self.state.global_step:
+            self._rng_seeded_step = self.state.global_step
+            seed_cpu_generator(step_seed(base, self.state.global_step))
+        return super().training_step(model, inputs)
 
     def compute_loss(self, model: paddle.nn.Layer, inputs: dict, return_outputs: bool = False) -> Any:
         if return_outputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from paddlenlp.peft import PrefixModelForCausalLM
@@ -13,6 +14,9 @@ from llm.infer.decoders.classic import CLASSIC_FAMILIES, ClassicKernel
 from llm.infer.decoders.generic import GenericRunner
 from llm.infer.decoders.rotary import ROTARY_FAMILIES, RotaryKernel
 from llm.infer.decoders.runner import KernelRunner, kernel_step_fn
+from llm.model.loading import check_device_dtype, is_cpu_half
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "fast", "generic")
 FAST_FAMILIES = ROTARY_FAMILIES + CLASSIC_FAMILIES + ("chatglm",)
@@ -64,6 +68,7 @@ def make_runner(
         )
     if max_seq_len is not None and int(max_seq_len) < 2:
         raise ConfigError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    check_device_dtype(dtype)
     if backend != "generic":
         try:
             kernel = build_kernel(model)
@@ -73,6 +78,7 @@ def make_runner(
         else:
             kernel.eval()
             kernel.enable_blocked_head(*kernel.head_layout())
+            kernel.keep_bits()
             prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
             return KernelRunner(
                 kernel_step_fn(kernel),
@@ -81,4 +87,10 @@ def make_runner(
                 max_seq_len=max_seq_len,
                 dtype=kernel.dtype_name,
             )
+    if is_cpu_half(dtype):
+        # the model's own forward needs half-precision CPU kernels paddle 2.6 lacks: run it in float32
+        logger.warning(
+            "the generic path runs this %s model in float32 on CPU (no CPU %s kernels)", dtype, dtype
+        )
+        model.to(dtype="float32")
     return GenericRunner(model, max_seq_len=max_seq_len)

@@ -17,12 +17,15 @@ themselves and attend over the buffer (fewer ops per step; see :class:`StepState
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+
+from llm.infer.decoders.half import HALF, WIDEN_BYTES, bf16_bits, stride_kernels, widen, widen_bits
 
 NEG = -1e9
 HEAD_BLOCK = 768  # LM-head columns per block in dygraph (see StepKernel.enable_blocked_head)
@@ -335,7 +338,31 @@ class StepKernel(paddle.nn.Layer):
     head_dim: int
     vocab_size: int
     max_positions: int
-    dtype_name: str = "float32"
+    dtype_name: str = "float32"  # what the kernel computes in (activations, KV cache)
+    weight_dtype: str = "float32"  # what its weights are stored in
+    upcast: bool = False  # half-precision weights on CPU: each is widened to float32 where it is used
+    q_scale: float = 1.0  # applied to the queries at run time when it is not folded into the weights
+
+    def _set_dtypes(self, weight: paddle.Tensor) -> None:
+        """Storage and compute dtypes from a weight: paddle 2.6 has no CPU kernels for half-precision matmul,
+        norms or softmax, so on CPU such weights stay half (half the memory) and are computed in float32."""
+        self.weight_dtype = str(weight.dtype).replace("paddle.", "")
+        self.upcast = weight.dtype in HALF and weight.place.is_cpu_place()
+        self.dtype_name = "float32" if self.upcast else self.weight_dtype
+
+    def _fold_q(
+        self, weight: paddle.Tensor, bias: paddle.Tensor | None, q_cols: int
+    ) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+        """Fold ``1/sqrt(head_dim)`` into the query columns; half-precision weights on CPU are kept as stored
+        (a fold would round them a second time) and the queries are scaled at run time instead."""
+        factor = 1.0 / math.sqrt(self.head_dim)
+        if self.upcast:
+            self.q_scale = factor
+            return weight, bias
+        return fold_q_scale(weight, bias, q_cols, factor)
+
+    def _scale_q(self, q: paddle.Tensor) -> paddle.Tensor:
+        return q if self.q_scale == 1.0 else q * self.q_scale
 
     def _reg(self, name: str, tensor: paddle.Tensor | None) -> str | None:
         """Register ``tensor`` (once, however often it is shared) and return the name to read it by.
@@ -359,10 +386,72 @@ class StepKernel(paddle.nn.Layer):
         return self._reg(f"{name}_w", wb[0]), self._reg(f"{name}_b", wb[1])
 
     def _t(self, name: str | None) -> paddle.Tensor | None:
-        return None if name is None else getattr(self, name)
+        """The tensor registered as ``name`` in the compute dtype (widened when :attr:`upcast`)."""
+        if name is None:
+            return None
+        tensor = getattr(self, name)
+        if self.upcast and tensor.dtype in HALF:
+            parts = self.__dict__.get("_bits", {}).get(name)
+            if parts is None:
+                return widen(tensor)
+            wide = [widen_bits(bits) for _, _, bits in parts]
+            return wide[0] if len(wide) == 1 else paddle.concat(wide, axis=0)
+        return tensor
 
     def _wb(self, names: tuple[str | None, str | None]) -> tuple[paddle.Tensor, paddle.Tensor | None]:
         return self._t(names[0]), self._t(names[1])
+
+    def _matmul(self, x: paddle.Tensor, name: str) -> paddle.Tensor:
+        """``x @ W`` for the weight registered as ``name``. A bfloat16 weight on CPU is widened in row chunks
+        of at most :data:`WIDEN_BYTES` (2-D ``[in, out]``: partial products over the input rows are summed;
+        3-D blocks: the blocks' products are concatenated), so no float32 copy of a large matrix is ever made."""
+        parts = self.__dict__.get("_bits", {}).get(name) if self.upcast else None
+        if parts is None or not paddle.in_dynamic_mode():
+            return paddle.matmul(x, self._t(name))
+        if len(parts) == 1:
+            return paddle.matmul(x, widen_bits(parts[0][2]))
+        if len(parts[0][2].shape) == 3:
+            return paddle.concat([paddle.matmul(x, widen_bits(bits)) for _, _, bits in parts], axis=0)
+        out = None
+        for start, stop, bits in parts:
+            part = paddle.matmul(x[..., start:stop], widen_bits(bits))
+            out = part if out is None else out + part
+        return out
+
+    def _linear(self, x: paddle.Tensor, names: tuple[str | None, str | None]) -> paddle.Tensor:
+        """:func:`linear` through :meth:`_matmul`."""
+        out = self._matmul(x, names[0])
+        bias = self._t(names[1])
+        return out if bias is None else out + bias
+
+    def _blocked_linear(self, x: paddle.Tensor, names: tuple[str | None, str | None]) -> paddle.Tensor:
+        """:func:`blocked_linear` through :meth:`_matmul`."""
+        out = self._matmul(paddle.reshape(x, [1, -1, x.shape[-1]]), names[0])
+        bias = self._t(names[1])
+        return out if bias is None else out + bias
+
+    def _rows(self, ids: paddle.Tensor, name: str) -> paddle.Tensor:
+        """Embedding lookup of ``ids`` in the table ``name``: gathered in the storage dtype, then widened (a
+        half-precision table is never widened whole)."""
+        out = F.embedding(ids, getattr(self, name))
+        return widen(out) if self.upcast and out.dtype in HALF else out
+
+    def keep_bits(self) -> None:
+        """Cache int16 bit views of the bfloat16 tensors, split along the first axis into chunks of at most
+        :data:`WIDEN_BYTES` once widened (views: no copies), for :meth:`_t` and :meth:`_matmul`."""
+        if not (self.upcast and paddle.in_dynamic_mode()):
+            return
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        parts: dict[str, list[tuple[int, int, paddle.Tensor]]] = {}
+        for name, tensor in tensors.items():
+            if tensor.dtype != paddle.bfloat16 or tensor.ndim == 0:
+                continue
+            bits, rows = bf16_bits(tensor), int(tensor.shape[0])
+            chunks = min(rows, -(-4 * int(np.prod(tensor.shape)) // WIDEN_BYTES))
+            step = -(-rows // max(1, chunks))  # equal chunks
+            with stride_kernels():
+                parts[name] = [(s, min(rows, s + step), bits[s : s + step]) for s in range(0, rows, step)]
+        self.__dict__["_bits"] = parts
 
     def enable_blocked_head(self, name: str, transposed: bool, block: int = HEAD_BLOCK) -> None:
         """Add a copy of the LM head as ``[n, hidden, block]`` column blocks (vocab zero-padded to
@@ -389,8 +478,8 @@ class StepKernel(paddle.nn.Layer):
         vocab = self.__dict__.get("_head_vocab")
         if vocab is None:
             return paddle.matmul(last, self._t(name), transpose_y=transposed)
-        head = self._t("lm_head_blocks")
-        out = paddle.matmul(paddle.unsqueeze(last, 0), head)  # [n, b, block]
+        head = self.lm_head_blocks
+        out = self._matmul(paddle.unsqueeze(last, 0), "lm_head_blocks")  # [n, b, block]
         if not (paddle.in_dynamic_mode() and last.shape[0] == 1):
             out = paddle.transpose(out, [1, 0, 2])
         out = paddle.reshape(out, [-1, head.shape[0] * head.shape[2]])

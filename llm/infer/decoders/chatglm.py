@@ -21,10 +21,8 @@ from llm.errors import ModelError
 from llm.infer.decoders.base import (
     StepKernel,
     StepState,
-    fold_q_scale,
     half_split_order,
     heads_first,
-    linear,
     partial_tables,
     qk_column_index,
     rope,
@@ -73,7 +71,7 @@ class ChatGLMKernel(StepKernel):
             emb = paddle.concat([freqs, freqs], axis=-1)
             cos, sin = rope_tables(emb.cos(), emb.sin())
         index = qk_column_index(self.heads, self.heads, self.head_dim, self.dim_order)
-        self.dtype_name = str(stack.word_embeddings.weight.dtype).replace("paddle.", "")
+        self._set_dtypes(stack.word_embeddings.weight)
         self.vocab_size = int(stack.word_embeddings.weight.shape[0])
         self.w_embed = self._reg("embed", stack.word_embeddings.weight)
         self.w_head = self._reg("lm_head", model.lm_head.decoder_weight)
@@ -89,7 +87,7 @@ class ChatGLMKernel(StepKernel):
                 if b is None
                 else paddle.index_select(_per_head_to_blocks(b, self.heads, self.head_dim), index)
             )
-            w, b = fold_q_scale(w, b, self.heads * self.head_dim, 1.0 / math.sqrt(self.head_dim))
+            w, b = self._fold_q(w, b, self.heads * self.head_dim)
             self.blocks.append(
                 {
                     "ln1": self._pair(f"l{i}_ln1", _lin(blk.input_layernorm)),
@@ -108,24 +106,25 @@ class ChatGLMKernel(StepKernel):
     def forward(self, input_ids, positions, new_bias, past_bias, past_keypos, caches, inplace_col=-1, span=0):
         """One step; see :mod:`llm.infer.decoders.base`."""
         st = StepState(caches, new_bias, past_bias, inplace_col, span, kv_heads=self.heads)
-        hidden = F.embedding(input_ids, self._t(self.w_embed))
+        hidden = self._rows(input_ids, self.w_embed)
         cos, sin = rope_factors(positions, self._t("cos_table"), self._t("sin_table"), 2 * self.heads)
         cols = self.heads * self.head_dim
         for i, blk in enumerate(self.blocks):
             x = self._ln(hidden, blk["ln1"])
-            qk, v = paddle.split(linear(x, *self._wb(blk["qkv"])), [2 * cols, cols], axis=-1)
+            qk, v = paddle.split(self._linear(x, blk["qkv"]), [2 * cols, cols], axis=-1)
             qk = rope(paddle.reshape(qk, [0, 0, 2 * self.heads, self.head_dim]), cos, sin)
             q, k = paddle.split(qk, 2, axis=2)
+            q = self._scale_q(q)
             k, v = heads_first(k, self.heads, self.head_dim), heads_first(v, self.heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
-            mid = self._ln(x * self.alpha + linear(ctx, *self._wb(blk["out"])), blk["ln2"])
-            inner = linear(mid, *self._wb(blk["fc1"]))
+            mid = self._ln(x * self.alpha + self._linear(ctx, blk["out"]), blk["ln2"])
+            inner = self._linear(mid, blk["fc1"])
             if self.geglu:
                 a, g = paddle.chunk(inner, 2, axis=-1)
                 inner = a * F.gelu(g)
             else:
                 inner = F.gelu(inner, approximate=True)
-            hidden = mid * self.alpha + linear(inner, *self._wb(blk["fc2"]))
+            hidden = mid * self.alpha + self._linear(inner, blk["fc2"])
         last = self._ln(hidden[:, -1, :], self.final)
         return [self._logits(last, self.w_head, True), *st.outputs]
 

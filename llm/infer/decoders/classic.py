@@ -21,10 +21,9 @@ from llm.infer.decoders.base import (
     LayerWeights,
     StepKernel,
     StepState,
-    fold_q_scale,
     heads_first,
-    linear,
 )
+from llm.infer.decoders.half import HALF, widen
 
 CLASSIC_FAMILIES = ("gpt", "opt", "bloom", "glm")
 
@@ -85,11 +84,10 @@ class ClassicKernel(StepKernel):
         getattr(self, f"_load_{self.family}")(model, cfg, t)
         self.num_layers = len(self.blocks)
         self.vocab_size = int(t["embed"].shape[0])
-        self.dtype_name = str(t["embed"].dtype).replace("paddle.", "")
+        self._set_dtypes(t["embed"])
         self.w = {k: (self._pair(k, v) if isinstance(v, tuple) else self._reg(k, v)) for k, v in t.items()}
-        scale = 1.0 / math.sqrt(self.head_dim)
         for i, blk in enumerate(self.blocks):
-            blk.qkv = fold_q_scale(*blk.qkv, self.heads * self.head_dim, scale)
+            blk.qkv = self._fold_q(*blk.qkv, self.heads * self.head_dim)
             for key in ("ln1", "qkv", "out", "ln2", "fc1", "fc2"):
                 setattr(blk, key, self._pair(f"l{i}_{key}", getattr(blk, key)))
         if self.uses_keypos:
@@ -198,7 +196,9 @@ class ClassicKernel(StepKernel):
         stack, words = model.glm.transformer, model.glm.word_embeddings.weight
         pos = stack.position_embeddings.weight
         if getattr(cfg, "block_position_encoding", False):  # block position is always 0 here
-            pos = pos + stack.block_position_embeddings.weight[0:1]
+            extra = stack.block_position_embeddings.weight[0:1]
+            cpu_half = pos.dtype in HALF and pos.place.is_cpu_place()
+            pos = widen(pos) + widen(extra) if cpu_half else pos + extra  # (a small float32 table)
         t.update(embed=words, pos=pos, final=_lin(stack.final_layernorm), head=words)
         self.max_positions = int(cfg.max_sequence_length)
         self.head_transposed = True
@@ -225,11 +225,11 @@ class ClassicKernel(StepKernel):
     def forward(self, input_ids, positions, new_bias, past_bias, past_keypos, caches, inplace_col=-1, span=0):
         """One step; see :mod:`llm.infer.decoders.base`."""
         w = self.w
-        hidden = F.embedding(input_ids, self._t(w["embed"]))
+        hidden = self._rows(input_ids, w["embed"])
         if w["proj_in"] is not None:
             hidden = paddle.matmul(hidden, self._t(w["proj_in"]))
         if w["pos"] is not None:
-            hidden = hidden + F.embedding(positions + self.pos_offset, self._t(w["pos"]))
+            hidden = hidden + self._rows(positions + self.pos_offset, w["pos"])
         if w["emb_ln"] is not None:
             hidden = self._ln(hidden, w["emb_ln"])
         head_bias = None
@@ -242,15 +242,15 @@ class ClassicKernel(StepKernel):
         cols = self.heads * self.head_dim
         for i, blk in enumerate(self.blocks):
             x = self._ln(hidden, blk.ln1) if self.pre_norm else hidden
-            q, k, v = paddle.split(linear(x, *self._wb(blk.qkv)), [cols, cols, cols], axis=-1)
-            q = paddle.reshape(q, [0, 0, self.heads, self.head_dim])
+            q, k, v = paddle.split(self._linear(x, blk.qkv), [cols, cols, cols], axis=-1)
+            q = self._scale_q(paddle.reshape(q, [0, 0, self.heads, self.head_dim]))
             k, v = heads_first(k, self.heads, self.head_dim), heads_first(v, self.heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
-            hidden = hidden + linear(ctx, *self._wb(blk.out))
+            hidden = hidden + self._linear(ctx, blk.out)
             if not self.pre_norm:
                 hidden = self._ln(hidden, blk.ln1)
             x = self._ln(hidden, blk.ln2) if self.pre_norm else hidden
-            hidden = hidden + linear(self._activation(linear(x, *self._wb(blk.fc1))), *self._wb(blk.fc2))
+            hidden = hidden + self._linear(self._activation(self._linear(x, blk.fc1)), blk.fc2)
             if not self.pre_norm:
                 hidden = self._ln(hidden, blk.ln2)
         last = hidden[:, -1, :]

@@ -10,7 +10,6 @@ same ``rotate_half`` form by permuting the query/key columns of each head once.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +22,10 @@ from llm.infer.decoders.base import (
     LayerWeights,
     StepKernel,
     StepState,
-    blocked_linear,
     column_blocks,
-    fold_q_scale,
     fold_rows,
     half_split_order,
     heads_first,
-    linear,
     mlp_blocks,
     norm,
     partial_tables,
@@ -78,7 +74,7 @@ class RotaryKernel(StepKernel):
         self.config = model.config
         getattr(self, f"_load_{self.family}")(model)
         self.vocab_size = int(self._head.shape[-1])
-        self.dtype_name = str(self._embed.dtype).replace("paddle.", "")
+        self._set_dtypes(self._embed)
         self._fold()
         self._register()
 
@@ -191,7 +187,14 @@ class RotaryKernel(StepKernel):
         self.eps = float(cfg.layernorm_epsilon)
         self.num_layers = len(base.encoder.layers)
         limit = int(cfg.max_sequence_length)
-        cache = base.rotary_pos_emb(limit)  # [limit, rot/2, 2]: GLM rotates interleaved pairs (2i, 2i+1)
+        rotary, default_dtype = base.rotary_pos_emb, base.rotary_pos_emb.default_dtype
+        rotary.default_dtype = (
+            paddle.float32
+        )  # the tables in float32 (a half-precision cos has no CPU kernel)
+        try:
+            cache = rotary(limit)  # [limit, rot/2, 2]: GLM rotates interleaved pairs (2i, 2i+1)
+        finally:
+            rotary.default_dtype = default_dtype
         rot_dim = int(cache.shape[1]) * 2
         self._cos, self._sin = partial_tables(cache[..., 0], cache[..., 1], self.head_dim)
         self.max_positions = limit
@@ -221,14 +224,15 @@ class RotaryKernel(StepKernel):
         self._embed, self._head = base.embedding.word_embeddings.weight, base.output_layer.weight
 
     def _fold(self) -> None:
-        """Fold the RMSNorm weights into the following matmuls and ``1/sqrt(d)`` into the query columns."""
+        """Fold the RMSNorm weights into the following matmuls and ``1/sqrt(d)`` into the query columns (not for
+        half-precision weights on CPU: see :meth:`StepKernel._fold_q`)."""
         q_cols = self.heads * self.head_dim
         for lw in self.layers_w:
             qkv_w, qkv_b = lw.qkv
-            if lw.ln1[1] is None:  # RMSNorm: (x_hat * w) @ W == x_hat @ (w[:, None] * W)
+            if lw.ln1[1] is None and not self.upcast:  # RMSNorm: (x_hat * w) @ W == x_hat @ (w[:, None] * W)
                 qkv_w, lw.ln1 = fold_rows(qkv_w, lw.ln1[0]), (None, None)
-            lw.qkv = fold_q_scale(qkv_w, qkv_b, q_cols, 1.0 / math.sqrt(self.head_dim))
-            if lw.ln2[1] is None:
+            lw.qkv = self._fold_q(qkv_w, qkv_b, q_cols)
+            if lw.ln2[1] is None and not self.upcast:
                 w2, lw.ln2 = lw.ln2[0], (None, None)
                 lw.gate_up = [(fold_rows(w, w2), b) for w, b in lw.gate_up]
                 lw.router = None if lw.router is None else fold_rows(lw.router, w2)
@@ -253,9 +257,9 @@ class RotaryKernel(StepKernel):
     # ------------------------------------------------------------------------------------------
     def _swiglu(self, x: paddle.Tensor, gate_up: tuple, down: tuple) -> paddle.Tensor:
         """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout."""
-        gu = blocked_linear(x, *self._wb(gate_up))  # [2n, rows, width]: n gate blocks, then n up blocks
+        gu = self._blocked_linear(x, gate_up)  # [2n, rows, width]: n gate blocks, then n up blocks
         n = gu.shape[0] // 2
-        return linear(unblock(F.silu(gu[:n]) * gu[n:], x), *self._wb(down))
+        return self._linear(unblock(F.silu(gu[:n]) * gu[n:], x), down)
 
     def _mlp(self, x: paddle.Tensor, lw: _Layer) -> paddle.Tensor:
         if lw.router is None:
@@ -281,19 +285,20 @@ class RotaryKernel(StepKernel):
             groups=self.heads // self.kv_heads,
             kv_heads=self.kv_heads,
         )
-        hidden = F.embedding(input_ids, self._t(self.w_embed))
+        hidden = self._rows(input_ids, self.w_embed)
         heads = self.heads + self.kv_heads
         cos, sin = rope_factors(positions, self._t("cos_table"), self._t("sin_table"), heads)
         q_cols, kv_cols = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, lw in enumerate(self.layers_w):
             x = norm(hidden, *self._wb(lw.ln1), self.eps)
-            qkv = linear(x, *self._wb(lw.qkv))
+            qkv = self._linear(x, lw.qkv)
             qk, v = paddle.split(qkv, [q_cols + kv_cols, kv_cols], axis=-1)
             qk = rope(paddle.reshape(qk, [0, 0, self.heads + self.kv_heads, self.head_dim]), cos, sin)
             q, k = paddle.split(qk, [self.heads, self.kv_heads], axis=2)
+            q = self._scale_q(q)
             k, v = heads_first(k, self.kv_heads, self.head_dim), heads_first(v, self.kv_heads, self.head_dim)
             ctx = st.attend(i, q, k, v)
-            hidden = hidden + linear(ctx, *self._wb(lw.out))
+            hidden = hidden + self._linear(ctx, lw.out)
             hidden = hidden + self._mlp(norm(hidden, *self._wb(lw.ln2), self.eps), lw)
         last = hidden[:, -1, :]
         if self.final_norm is not None:

@@ -1,0 +1,102 @@
+"""Every shipped per-model argument JSON runs on CPU with exactly the README's override line.
+
+Test-only overrides on top: the tiny model of the folder's family, the fixture dataset, a temporary
+output directory, ``--max_steps 1`` and short lengths. Files the toolkit refuses (quantization, GLM
+prefix tuning) must stop with a ConfigError before any weights load. The 34 files take ~20 s in all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_DATA
+
+import llm  # noqa: F401  (zlib fix before paddle)
+import llm.train.finetune as finetune
+from llm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILY = {
+    "llama": "llama",
+    "qwen": "qwen",
+    "chatglm": "chatglm",
+    "chatglm2": "chatglm_v2",
+    "bloom": "bloom",
+    "gpt-3": "gpt",
+    "opt": "opt",
+    "glm": "glm",
+    "mixtral": "mixtral",
+}
+REFUSED = {"glm/pt_argument.json": "prefix_tuning is not supported for model type 'glm'"}
+QUANTIZATION = "quantization (do_ptq / do_gptq / do_qat / weight_quantize_algo) is not part of this release"
+
+
+def readme_cpu_overrides() -> list[str]:
+    """The override line documented in README.md (the test fails if it is reworded away)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"on a CPU add these overrides[^`]*`([^`]+)`", text)
+    assert match, "README.md no longer documents the CPU override line"
+    return shlex.split(match.group(1))
+
+
+def shipped_files() -> list[str]:
+    return [str(p.relative_to(REPO)) for d in FAMILY for p in sorted((REPO / d).glob("*_argument.json"))]
+
+
+def _expected_refusal(rel: str) -> str | None:
+    raw = json.loads((REPO / rel).read_text(encoding="utf-8"))
+    if raw.get("weight_quantize_algo") or any(raw.get(k) for k in ("do_ptq", "do_gptq", "do_qat")):
+        return QUANTIZATION
+    return REFUSED.get(rel)
+
+
+def _saved_model_files(raw: dict) -> tuple[str, ...]:
+    if raw.get("lora"):
+        return ("lora_config.json", "lora_model_state.pdparams")
+    if raw.get("prefix_tuning"):
+        return ("prefix_config.json", "prefix_model_state.pdparams")
+    return ("config.json", "model_state.pdparams")
+
+
+def test_readme_line_and_matrix() -> None:
+    assert readme_cpu_overrides() == [
+        *("--fp16", "false", "--fp16_opt_level", "O1", "--tensor_parallel_degree", "1"),
+        *("--pipeline_parallel_degree", "1", "--sharding", ""),
+    ]
+    files = shipped_files()
+    assert set(REFUSED) <= set(files)
+    runnable = [rel for rel in files if not _expected_refusal(rel)]
+    assert {rel.split("/")[0] for rel in runnable} == set(FAMILY)
+    assert all(json.loads((REPO / rel).read_text())["recompute"] is True for rel in runnable)
+
+
+@pytest.mark.parametrize("rel", shipped_files())
+def test_shipped_config_runs_on_cpu(
+    rel: str, tiny_model_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tiny_model_factory(FAMILY[rel.split("/")[0]])
+    out = tmp_path / "out"
+    argv = [str(REPO / rel), *readme_cpu_overrides()]
+    argv += ["--model_name_or_path", str(model_dir), "--dataset_name_or_path", str(FIXTURE_DATA)]
+    argv += ["--output_dir", str(out), "--max_steps", "1", "--src_length", "16", "--max_length", "32"]
+    refusal = _expected_refusal(rel)
+    if refusal:
+
+        def must_not_load(*args: object, **kwargs: object) -> None:
+            raise AssertionError("weights were loaded before the refusal")
+
+        monkeypatch.setattr(finetune, "load_model", must_not_load)
+        with pytest.raises(ConfigError) as exc:
+            finetune.run(argv)
+        assert str(exc.value).startswith(refusal) and "\n" not in str(exc.value)
+        return
+    metrics = finetune.run(argv)
+    raw = json.loads((REPO / rel).read_text(encoding="utf-8"))
+    for name in _saved_model_files(raw):
+        assert (out / name).is_file(), f"{rel}: {name} not written"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert metrics["train_loss"] > 0 and "eval_loss" in metrics  # the files' do_eval ran too
