@@ -28,11 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_generation as bg  # shared geometry, weights and prompts (benchmarks/ is the script's own dir)
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import bench_generation as bg  # noqa: E402  (shared geometry, weights and prompts)
 
 ROOT = HERE.parent
 DTYPES = ("float32", "bfloat16")
