@@ -10,7 +10,15 @@ import llm  # noqa: F401  (zlib fix before paddle)
 import numpy as np
 import paddle
 
-from llm.model import FAMILIES, build_model, forward_logits, tiny_config
+from llm.model import (
+    FAMILIES,
+    PrefixModel,
+    build_model,
+    family_of,
+    forward_logits,
+    make_prefix_config,
+    tiny_config,
+)
 
 VOCAB = 256
 EOS = VOCAB - 1
@@ -34,6 +42,24 @@ def tiny(family: str, seed: int = 0) -> paddle.nn.Layer:
         model = build_model(tiny_config(family, vocab_size=VOCAB, eos_token_id=EOS), seed=seed)
     model.eval()
     return spice(model, seed=seed)
+
+
+def prefix_model(family: str) -> PrefixModel:
+    """A tiny spiced ``family`` model with a 4-token prefix whose encoder weights are large enough to matter."""
+    with paddle.utils.unique_name.guard():
+        base = build_model(tiny_config(family, vocab_size=VOCAB, eos_token_id=EOS), seed=5)
+    base.eval()
+    spice(base, seed=5)
+    config = make_prefix_config(base, num_prefix_tokens=4)
+    model = PrefixModel(
+        model=base, prefix_config=config, postprocess_past_key_value=family_of(base).prefix_postprocess
+    )
+    paddle.seed(2)
+    with paddle.no_grad():
+        for p in model.prefix_encoder.parameters():
+            p.set_value(paddle.randn(p.shape) * 0.5)
+    model.eval()
+    return model
 
 
 def prompts(batch: int, length: int, seed: int = 1) -> list[list[int]]:

@@ -14,8 +14,8 @@ from helpers_infer import (
     VOCAB,
     argmax_reference,
     paddlenlp_generate,
+    prefix_model,
     prompts,
-    spice,
     tiny,
 )
 from paddlenlp.generation.logits_process import TopKProcess, TopPProcess
@@ -26,11 +26,8 @@ from llm.infer.decoders import GenericRunner, KernelRunner
 from llm.infer.sampling import top_k_filter, top_p_filter
 from llm.model import (
     FAMILIES,
-    PrefixModel,
     build_model,
-    family_of,
     forward_logits,
-    make_prefix_config,
     tiny_config,
 )
 
@@ -88,7 +85,7 @@ def test_long_prefill_in_query_blocks(family: str, monkeypatch: pytest.MonkeyPat
     """Block-wise causal prefill (forced with tiny blocks) gives the generic path's tokens."""
     import llm.infer.decoders.base as base
 
-    model = _prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
+    model = prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
     rng = np.random.RandomState(9)
     batch = [rng.randint(5, EOS, size=n).tolist() for n in (11, 7)]
     expected = create_engine(model, backend="generic").generate(batch, greedy(5))
@@ -102,7 +99,7 @@ def test_kv_buffers_grow_during_decode(family: str, monkeypatch: pytest.MonkeyPa
     as the generic path, which keeps paddlenlp's own cache."""
     import llm.infer.decoders.runner as runner_module
 
-    model = _prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
+    model = prefix_model("gpt") if family == "prefix-gpt" else tiny(family)
     rng = np.random.RandomState(5)
     batch = [rng.randint(5, EOS, size=n).tolist() for n in (4, 9, 2)]
     generic = create_engine(model, backend="generic")
@@ -274,25 +271,9 @@ def test_beam_search_matches_paddlenlp(family: str, beams: int) -> None:
     assert engine.generate(batch, single) == engine.generate(batch, greedy(6))
 
 
-def _prefix_model(family: str) -> PrefixModel:
-    with paddle.utils.unique_name.guard():
-        base = build_model(tiny_config(family, vocab_size=VOCAB, eos_token_id=EOS), seed=5)
-    base.eval()
-    spice(base, seed=5)
-    spec = family_of(base)
-    config = make_prefix_config(base, num_prefix_tokens=4)
-    model = PrefixModel(model=base, prefix_config=config, postprocess_past_key_value=spec.prefix_postprocess)
-    paddle.seed(2)
-    with paddle.no_grad():
-        for p in model.prefix_encoder.parameters():
-            p.set_value(paddle.randn(p.shape) * 0.5)
-    model.eval()
-    return model
-
-
 @pytest.mark.parametrize("family", [f for f, s in FAMILIES.items() if s.supports["prefix"]])
 def test_prefix_becomes_the_first_cache_entries(family: str) -> None:
-    model = _prefix_model(family)
+    model = prefix_model(family)
     batch = prompts(2, 5, seed=6)
     ref = argmax_reference(model, batch, 6)
     backends = ["auto", "generic"] if family in FAST else ["generic"]

@@ -20,34 +20,15 @@ from pathlib import Path
 import pytest
 
 try:
+    import helpers_cli as hc
     import helpers_model as hm
 except ImportError:  # tests/ imported as a package
+    from tests import helpers_cli as hc
     from tests import helpers_model as hm
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICTOR = str(ROOT / "predictor.py")
 EXPORT = str(ROOT / "export_model.py")
-
-DRIVER = r"""
-import contextlib, io, json, runpy, sys, traceback
-import llm
-cases = json.loads(sys.argv[1])
-results = []
-for script, argv in cases:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    sys.argv = [script] + argv
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            code = "crash"
-            err.write(traceback.format_exc())
-    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
-print("RESULTS=" + json.dumps(results))
-"""
 
 
 def _env() -> dict[str, str]:
@@ -325,17 +306,7 @@ def test_scripts_in_one_interpreter(setup: dict[str, Path]) -> None:
             "model directory not found",
         ),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps([[c[0], c[1]] for c in cases])],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=300,
-        cwd=str(root),
-    )
-    marker = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
-    assert marker, proc.stderr[-3000:]
-    results = json.loads(marker[0][len("RESULTS=") :])
+    results = hc.run_scripts([(c[0], c[1]) for c in cases], _env(), cwd=str(root))
     for (script, argv, code, text), got in zip(cases, results):
         label = f"{os.path.basename(script)} {' '.join(argv)}"
         assert got["code"] == code, f"{label}: {got}"

@@ -28,7 +28,13 @@ NEG_INF = -1e9
 
 
 class Runner(Protocol):
-    """One model + KV cache. Rows are left padded; ``mask`` is 1 for real tokens."""
+    """One model + KV cache. Rows are left padded; ``mask`` is 1 for real tokens.
+
+    A runner that can take new rows into a running batch (continuous batching, :mod:`llm.serve.scheduler`)
+    also has ``join(input_ids, mask, max_new_tokens) -> logits`` (arguments as :meth:`begin`, per-row
+    ``max_new_tokens`` allowed; the new rows are appended; on failure the running batch is unchanged), as
+    :class:`~llm.infer.decoders.runner.KernelRunner` does.
+    """
 
     vocab_size: int
     max_seq_len: int  # longest prompt + new tokens one row may reach

@@ -1,19 +1,28 @@
 """The preallocated-cache runner shared by the dynamic fast path and the ``paddle.inference`` path.
 
 Per batch it keeps one ``[b, kv_heads, C, head_dim]`` key and value buffer per layer; the prefix (if any)
-fills the first ``P`` columns. The capacity ``C`` starts at the prompt plus :data:`GROW` columns and grows
-by :data:`GROW` (one ``concat`` per buffer) up to ``prefix + longest prompt + max_new_tokens - 1``: every
-step attends over the whole buffer (free columns masked), so a buffer sized for the last step from the
-start would make early steps read up to twice the keys they need.
-Each call's new key/value entries go into the buffers in place at the next free column (all rows share
-the column because the batch is left padded): a *split* step function (the exported graph) returns them
-and the runner writes them; an *in-place* one (the dygraph kernels) writes them itself and attends over
-the buffer directly. Finished rows are dropped with :meth:`select`.
+fills the first ``P`` columns. Rows are left padded and share one write column ``col``; ``valid`` (which
+columns hold a row's real keys), ``keypos`` (their positions, for ALiBi) and ``next_pos`` are per row, so rows
+of different lengths coexist. The capacity ``C`` starts at the prompt plus :data:`GROW` columns and grows
+by :data:`GROW` (one ``concat`` per buffer), never past the last column a live row can still write
+(``end_col``: prompt + its ``max_new_tokens`` - 1): every step attends over the whole buffer (free columns
+masked), so a buffer sized for the last step from the start would make early steps read up to twice the
+keys they need.
+Each call's new key/value entries go into the buffers in place at ``col``: a *split* step function (the
+exported graph) returns them and the runner writes them; an *in-place* one (the dygraph kernels) writes
+them itself and attends over the buffer directly.
+
+Rows leave with :meth:`select` and join with :meth:`join` (continuous batching, :mod:`llm.serve.scheduler`):
+the new rows are prefilled as a group of their own, then the two groups' used columns are right-aligned (the
+shorter group gets invalid columns on its left) and concatenated along the batch axis. After rows leave,
+leading columns (after the prefix) that no row uses any more are dropped, so ``C`` stays within the longest
+live row + prefix + :data:`GROW`, however long the batch has been running.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import paddle
@@ -26,10 +35,11 @@ Prefix = list[tuple[paddle.Tensor, paddle.Tensor]]
 # in-place: (input_ids, positions, bias, keypos, keys, values, col, span) -> logits   (fn.inplace = True)
 StepFn = Callable[..., object]
 GROW = 32  # KV-buffer columns added at a time
+_STATE = ("keys", "values", "valid", "keypos", "next_pos", "end_col", "col", "capacity")
 
 
 class KernelRunner:
-    """Drives a step function over preallocated per-layer KV buffers."""
+    """Drives a step function over preallocated per-layer KV buffers; rows can leave and join."""
 
     def __init__(
         self,
@@ -59,32 +69,49 @@ class KernelRunner:
     def _clear(self) -> None:
         self.keys: list[paddle.Tensor] = []
         self.values: list[paddle.Tensor] = []
-        self.valid: np.ndarray | None = None
-        self.keypos: np.ndarray | None = None
-        self.next_pos: np.ndarray | None = None
+        self.valid: np.ndarray | None = None  # [b, C] bool
+        self.keypos: np.ndarray | None = None  # [b, C] float32
+        self.next_pos: np.ndarray | None = None  # [b]
+        self.end_col: np.ndarray | None = None  # [b]: columns a row may still need (exclusive end)
         self.col = 0
         self.capacity = 0
 
-    def _reserve(self, columns: int) -> None:
-        """Make room for ``columns`` buffer columns (grown :data:`GROW` at a time, never past the batch's
-        total)."""
-        assert self.valid is not None
-        total = self.valid.shape[1]
-        if columns <= self.capacity:
-            return
-        new = min(total, max(columns, self.capacity + GROW))
-        batch = self.valid.shape[0]
-        if self.capacity == 0:
-            self.keys = [self._zeros(batch, new) for _ in range(self.num_layers)]
-            self.values = [self._zeros(batch, new) for _ in range(self.num_layers)]
-        else:
-            pad = self._zeros(batch, new - self.capacity)
-            self.keys = [paddle.concat([t, pad], axis=2) for t in self.keys]
-            self.values = [paddle.concat([t, pad], axis=2) for t in self.values]
-        self.capacity = new
+    @property
+    def rows(self) -> int:
+        """Rows of the running batch (0 when none is running)."""
+        return 0 if self.valid is None else len(self.valid)
+
+    def _take(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _STATE}
+
+    def _put(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def _zeros(self, batch: int, length: int) -> paddle.Tensor:
         return paddle.zeros([batch, self.kv_heads, length, self.head_dim], dtype=self.dtype)
+
+    def _alloc(self, batch: int, capacity: int) -> None:
+        self.keys = [self._zeros(batch, capacity) for _ in range(self.num_layers)]
+        self.values = [self._zeros(batch, capacity) for _ in range(self.num_layers)]
+        self.valid = np.zeros((batch, capacity), dtype=bool)
+        self.keypos = np.zeros((batch, capacity), dtype=np.float32)
+        self.capacity = capacity
+
+    def _reserve(self, columns: int) -> None:
+        """Make room for ``columns`` buffer columns (grown :data:`GROW` at a time, never past the last column
+        a live row can still write)."""
+        assert self.valid is not None and self.end_col is not None
+        if columns <= self.capacity:
+            return
+        new = max(columns, min(int(self.end_col.max()), self.capacity + GROW))
+        batch, extra = self.valid.shape[0], new - self.capacity
+        pad = self._zeros(batch, extra)
+        self.keys = [paddle.concat([t, pad], axis=2) for t in self.keys]
+        self.values = [paddle.concat([t, pad], axis=2) for t in self.values]
+        self.valid = np.concatenate([self.valid, np.zeros((batch, extra), dtype=bool)], axis=1)
+        self.keypos = np.concatenate([self.keypos, np.zeros((batch, extra), dtype=np.float32)], axis=1)
+        self.capacity = new
 
     def _write(self, new_k: Sequence[paddle.Tensor], new_v: Sequence[paddle.Tensor], width: int) -> None:
         start, stop = self.col, self.col + width
@@ -93,19 +120,20 @@ class KernelRunner:
             self.values[layer][:, :, start:stop, :] = new_v[layer]
         self.col = stop
 
-    def begin(self, input_ids: np.ndarray, mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        """Allocate the buffers, prefill the prompts, return the last logits."""
+    def begin(self, input_ids: np.ndarray, mask: np.ndarray, max_new_tokens: int | np.ndarray) -> np.ndarray:
+        """Allocate the buffers, prefill the prompts, return the last logits.
+
+        ``max_new_tokens`` is one number for the batch or one per row (``[b]``); it bounds buffer growth."""
         batch, width = input_ids.shape
         prefix_len = self.prefix_len
-        total = prefix_len + width + max(int(max_new_tokens) - 1, 0)
-        self.valid = np.zeros((batch, total), dtype=bool)
-        self.keypos = np.zeros((batch, total), dtype=np.float32)
-        self.capacity = 0
-        self._reserve(prefix_len + width + GROW)
+        span = prefix_len + width
+        new_tokens = np.broadcast_to(np.asarray(max_new_tokens, dtype=np.int64), (batch,))
+        self.end_col = span + np.maximum(new_tokens - 1, 0)
+        self._alloc(batch, min(int(self.end_col.max()), span + GROW))
+        assert self.valid is not None and self.keypos is not None
         positions = prompt_positions(mask) + (prefix_len if self.after_prefix else 0)
         self.next_pos = positions[:, -1] + 1
         ids = input_ids.astype(np.int64)
-        span = prefix_len + width
         self.keypos[:, :prefix_len] = np.arange(prefix_len, dtype=np.float32)
         self.keypos[:, prefix_len:span] = positions
         self.valid[:, :prefix_len] = True
@@ -138,15 +166,88 @@ class KernelRunner:
         self._write(new_k, new_v, width)
         return logits
 
+    def join(self, input_ids: np.ndarray, mask: np.ndarray, max_new_tokens: int | np.ndarray) -> np.ndarray:
+        """Prefill new rows (as :meth:`begin`) and append them to the running batch; return their logits.
+
+        The new group's used columns and the running batch's are right-aligned and concatenated along the
+        batch axis. If anything fails, the running batch is left as it was and the error propagates.
+        """
+        if self.rows == 0:
+            return self.begin(input_ids, mask, max_new_tokens)
+        running = self._take()
+        try:
+            self._clear()
+            logits = self.begin(input_ids, mask, max_new_tokens)
+            self._merge(running)
+        except BaseException:
+            self._put(running)
+            raise
+        return logits
+
+    def _merge(self, old: dict[str, Any]) -> None:
+        """Make one batch of the running batch ``old`` (rows first) and the current, just prefilled group."""
+        new = self._take()
+        prefix_len = self.prefix_len
+        col = max(old["col"], new["col"])
+        rows_a = len(old["valid"])
+        rows = rows_a + len(new["valid"])
+        end_col = np.concatenate([old["end_col"] + col - old["col"], new["end_col"] + col - new["col"]])
+        capacity = max(col, min(int(end_col.max()), col + GROW))
+        groups = ((slice(0, rows_a), old), (slice(rows_a, rows), new))
+
+        def place(fresh: Any, parts: tuple[Any, Any]) -> Any:
+            """Copy each group's prefix and used columns (right-aligned at ``col``) into ``fresh``."""
+            for (where, state), part in zip(groups, parts):
+                used, dest = slice(prefix_len, state["col"]), slice(prefix_len + col - state["col"], col)
+                if isinstance(fresh, paddle.Tensor):
+                    if prefix_len:
+                        fresh[where, :, :prefix_len] = part[:, :, :prefix_len]
+                    fresh[where, :, dest] = part[:, :, used]
+                else:
+                    fresh[where, :prefix_len] = part[:, :prefix_len]
+                    fresh[where, dest] = part[:, used]
+            return fresh
+
+        self.keys = [place(self._zeros(rows, capacity), pair) for pair in zip(old["keys"], new["keys"])]
+        self.values = [place(self._zeros(rows, capacity), pair) for pair in zip(old["values"], new["values"])]
+        self.valid = place(np.zeros((rows, capacity), dtype=bool), (old["valid"], new["valid"]))
+        self.keypos = place(np.zeros((rows, capacity), dtype=np.float32), (old["keypos"], new["keypos"]))
+        self.next_pos = np.concatenate([old["next_pos"], new["next_pos"]])
+        self.end_col, self.col, self.capacity = end_col, col, capacity
+
+    def _trim(self) -> None:
+        """Drop the leading columns (after the prefix) that no row uses any more."""
+        assert self.valid is not None and self.keypos is not None and self.end_col is not None
+        prefix_len = self.prefix_len
+        used = self.valid[:, prefix_len : self.col].any(axis=0)
+        dead = int(np.argmax(used)) if used.any() else 0
+        if dead == 0:
+            return
+        start = prefix_len + dead
+
+        def cut(t: paddle.Tensor) -> paddle.Tensor:
+            if prefix_len:
+                return paddle.concat([t[:, :, :prefix_len], t[:, :, start:]], axis=2)
+            return t[:, :, start:].contiguous()
+
+        self.keys = [cut(t) for t in self.keys]
+        self.values = [cut(t) for t in self.values]
+        self.valid = np.concatenate([self.valid[:, :prefix_len], self.valid[:, start:]], axis=1)
+        self.keypos = np.concatenate([self.keypos[:, :prefix_len], self.keypos[:, start:]], axis=1)
+        self.col -= dead
+        self.capacity -= dead
+        self.end_col = self.end_col - dead
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Decode one token per row against the whole buffer (free columns are masked)."""
-        assert self.valid is not None and self.keypos is not None and self.next_pos is not None
+        assert self.next_pos is not None
         batch, col = len(tokens), self.col
         self._reserve(col + 1)
+        assert self.valid is not None and self.keypos is not None
         ids = tokens.reshape(batch, 1).astype(np.int64)
         positions = self.next_pos[:, None].copy()
         self.next_pos = self.next_pos + 1
-        valid, keypos = self.valid[:, : self.capacity], self.keypos[:, : self.capacity]
+        valid, keypos = self.valid, self.keypos
         if self.inplace:
             valid[:, col] = True
             keypos[:, col] = positions[:, 0]
@@ -165,13 +266,19 @@ class KernelRunner:
         return logits
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep ``rows`` (buffers are gathered into new, smaller ones)."""
-        index = paddle.to_tensor(np.asarray(rows, dtype=np.int64))
+        """Keep ``rows`` (buffers are gathered into new, smaller ones), then drop columns no row uses."""
+        assert self.valid is not None and self.keypos is not None
+        assert self.next_pos is not None and self.end_col is not None
+        rows = np.asarray(rows, dtype=np.int64)
+        index = paddle.to_tensor(rows)
         self.keys = [paddle.index_select(t, index, axis=0) for t in self.keys]
         self.values = [paddle.index_select(t, index, axis=0) for t in self.values]
         self.valid = self.valid[rows]
         self.keypos = self.keypos[rows]
         self.next_pos = self.next_pos[rows]
+        self.end_col = self.end_col[rows]
+        if len(rows):
+            self._trim()
 
     def end(self) -> None:
         """Free the buffers."""
