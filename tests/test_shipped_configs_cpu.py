@@ -1,8 +1,9 @@
 """Every shipped per-model argument JSON runs on CPU with exactly the README's override line.
 
 Test-only overrides on top: the tiny model of the folder's family, the fixture dataset, a temporary
-output directory, ``--max_steps 1`` and short lengths. Files the toolkit refuses (quantization, GLM
-prefix tuning) must stop with a ConfigError before any weights load. The 34 files take ~20 s in all.
+output directory, ``--max_steps 1`` (two calibration steps for PTQ / GPTQ) and short lengths. Files the
+toolkit refuses (low-bit training: QLoRA, WINT8-LoRA; GLM prefix tuning) must stop with a ConfigError before
+any weights load.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ FAMILY = {
     "mixtral": "mixtral",
 }
 REFUSED = {"glm/pt_argument.json": "prefix_tuning is not supported for model type 'glm'"}
-QUANTIZATION = "quantization (do_ptq / do_gptq / do_qat / weight_quantize_algo) is not part of this release"
+LOW_BIT_TRAINING = "quantization-aware training (do_qat) and low-bit base weights for training"
+CALIBRATION_STEPS = ["--ptq_step", "2", "--shift_step", "2", "--smooth_step", "2", "--gptq_step", "2"]
 
 
 def readme_cpu_overrides() -> list[str]:
@@ -49,8 +51,8 @@ def shipped_files() -> list[str]:
 
 def _expected_refusal(rel: str) -> str | None:
     raw = json.loads((REPO / rel).read_text(encoding="utf-8"))
-    if raw.get("weight_quantize_algo") or any(raw.get(k) for k in ("do_ptq", "do_gptq", "do_qat")):
-        return QUANTIZATION
+    if raw.get("weight_quantize_algo") or raw.get("do_qat"):
+        return LOW_BIT_TRAINING
     return REFUSED.get(rel)
 
 
@@ -71,7 +73,14 @@ def test_readme_line_and_matrix() -> None:
     assert set(REFUSED) <= set(files)
     runnable = [rel for rel in files if not _expected_refusal(rel)]
     assert {rel.split("/")[0] for rel in runnable} == set(FAMILY)
-    assert all(json.loads((REPO / rel).read_text())["recompute"] is True for rel in runnable)
+    training = [rel for rel in runnable if not re.search(r"/g?ptq_argument", rel)]
+    assert all(json.loads((REPO / rel).read_text())["recompute"] is True for rel in training)
+    assert {rel.split("/")[0] for rel in runnable if rel.endswith("/ptq_argument.json")} >= {
+        "llama",
+        "qwen",
+        "chatglm2",
+        "bloom",
+    }
 
 
 @pytest.mark.parametrize("rel", shipped_files())
@@ -94,8 +103,16 @@ def test_shipped_config_runs_on_cpu(
             finetune.run(argv)
         assert str(exc.value).startswith(refusal) and "\n" not in str(exc.value)
         return
-    metrics = finetune.run(argv)
     raw = json.loads((REPO / rel).read_text(encoding="utf-8"))
+    if raw.get("do_ptq") or raw.get("do_gptq"):
+        metrics = finetune.run(argv + CALIBRATION_STEPS)
+        quantization = json.loads((out / "config.json").read_text())["llm_quantization"]
+        assert quantization["algorithm"] == ("ptq" if raw.get("do_ptq") else "gptq")
+        assert (out / "model.safetensors").is_file() and (out / "checkpoint_complete.json").is_file()
+        assert (out / "act_scales.json").is_file() == bool(raw.get("do_ptq"))
+        assert metrics["eval_loss"] > 0  # the files' do_eval ran on the quantized model
+        return
+    metrics = finetune.run(argv)
     for name in _saved_model_files(raw):
         assert (out / name).is_file(), f"{rel}: {name} not written"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1

@@ -236,6 +236,24 @@ class QuantArgument:
     )
     do_gptq: bool = field(default=False, metadata={"help": "GPTQ weight-only (W4) quantization."})
     gptq_step: int = field(default=8, metadata={"help": "Forward steps per layer for GPTQ."})
+    gptq_group_size: int = field(
+        default=-1,
+        metadata={"help": "GPTQ scale groups along the input: -1 per output channel, or e.g. 64, 128."},
+    )
+    gptq_bits: int = field(default=4, metadata={"help": "GPTQ weight bits: 4 (W4, PaddleNLP's) or 8."})
+    gptq_act_order: bool = field(
+        default=True, metadata={"help": "GPTQ: quantize columns by decreasing Hessian diagonal (act-order)."}
+    )
+    gptq_percdamp: float = field(
+        default=0.1,
+        metadata={"help": "GPTQ damping: this fraction of the mean Hessian diagonal is added to it."},
+    )
+    quant_group_size: int = field(
+        default=-1,
+        metadata={
+            "help": "do_ptq with quant_type wint8/wint4 (round-to-nearest): -1 per channel, or e.g. 128."
+        },
+    )
     auto_clip: bool = field(default=False, metadata={"help": "AWQ-style auto clip before PTQ."})
 
     def __post_init__(self) -> None:

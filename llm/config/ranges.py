@@ -107,6 +107,10 @@ RANGES: dict[str, Range] = {
     "smooth_step": at_least(1),
     "smooth_k_piece": at_least(1),
     "gptq_step": at_least(1),
+    "gptq_group_size": Range(low=2, also=((-1, "per channel"),)),
+    "gptq_bits": Range(low=4, high=8),
+    "gptq_percdamp": Range(low=0, high=1, low_open=True),
+    "quant_group_size": Range(low=2, also=((-1, "per channel"),)),
     # ModelArgument
     "weight_blocksize": at_least(1),
     "weight_double_quant_block_size": at_least(1),

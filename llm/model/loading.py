@@ -292,7 +292,8 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (
 
 def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -> PretrainedModel:
     """Load a local model dir: paddlenlp layout (``config.json`` + ``model_state.pdparams`` or ``model.safetensors``)
-    or a Hugging Face checkpoint, which is converted on the fly and cached (see :mod:`llm.convert.cache`).
+    or a Hugging Face checkpoint, which is converted on the fly and cached (see :mod:`llm.convert.cache`),
+    or a quantized directory written by :mod:`llm.quant` (see :func:`llm.quant.io.load_quantized`).
 
     ``convert_from_torch``/``low_cpu_mem_usage``/``variant``/``subfolder`` go to ``from_pretrained``; every
     other keyword overrides a config field (e.g. ``use_flash_attention=False``). Missing dirs, configs or
@@ -308,6 +309,10 @@ def load_model(model_name_or_path: str, dtype: str = "float32", **kwargs: Any) -
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ModelError(f"{path}: no config.json (expected {expected}){unfinished_training_hint(path)}")
+    from llm.quant.io import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(path) is not None:  # low-bit weights: built without a float copy of the linears
+        return load_quantized(path, dtype=dtype)
     load_kwargs = {k: kwargs.pop(k) for k in _FROM_PRETRAINED_KWARGS if k in kwargs}
     converted = ensure_paddle_dir(path, dtype=dtype)
     if converted != path:  # a Hugging Face directory, converted once and cached

@@ -38,6 +38,7 @@ from llm.tokenizer import load_tokenizer
 from .callbacks import CheckpointMarkerCallback, MetricsLogCallback
 from .checkpoint import checkpoint_step, choose_resume, run_settings
 from .metrics import make_generation_metrics, token_accuracy
+from .quantize import run_quantization
 from .trainer import CausalLMTrainer, ListDataset
 
 ARGUMENT_TYPES = (GenerateArgument, QuantArgument, ModelArgument, DataArgument, FinetuneArguments)
@@ -81,10 +82,20 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     gen_args, quant_args, model_args, data_args, training_args = parse_arguments(ARGUMENT_TYPES, argv)
     check_static(model_args, data_args, quant_args, training_args)
     check_runtime(model_args, data_args, quant_args, training_args)
-    if quant_args.do_ptq or quant_args.do_gptq or quant_args.do_qat or model_args.weight_quantize_algo:
+    if quant_args.do_qat or model_args.weight_quantize_algo:
         raise ConfigError(
-            "quantization (do_ptq / do_gptq / do_qat / weight_quantize_algo) is not part of this release "
-            "yet: only SFT, LoRA and Prefix tuning"
+            "quantization-aware training (do_qat) and low-bit base weights for training (weight_quantize_algo) "
+            "are not part of this release yet; post-training quantization is: do_ptq, do_gptq"
+        )
+    if quant_args.do_ptq or quant_args.do_gptq:
+        _print_arguments((model_args, data_args, quant_args))
+        set_seed(training_args.seed)
+        return run_quantization(
+            model_args,
+            data_args,
+            quant_args,
+            training_args,
+            lambda split, tok, template: _load_features(split, data_args, tok, template, zero_padding=False),
         )
     check_output_path(
         training_args.output_dir,

@@ -1,0 +1,1 @@
+"""Quantization: low-bit storage, RTN / GPTQ weight-only and A8W8 (Shift, SmoothQuant) post-training flows."""
