@@ -101,11 +101,15 @@ def test_sampling_settings_from_generation_config(tmp_path: Path) -> None:
 
 
 def test_reserved_arguments_fail_clearly() -> None:
-    with pytest.raises(ConfigError, match="quant_type 'weight_only_int8' is not available yet"):
-        PredictorArgument(quant_type="weight_only_int8")
+    assert PredictorArgument(quant_type="Weight_Only_INT8").quant_type == "weight_only_int8"
+    with pytest.raises(ConfigError, match="quant_type 'int3' is not supported"):
+        PredictorArgument(quant_type="int3")
     assert PredictorArgument(quant_type="None").quant_type is None
-    with pytest.raises(ConfigError, match="inference_model"):
-        PredictorArgument(inference_model=True)
+    assert PredictorArgument(inference_model=True).inference_model  # the toolkit's own engine
+    with pytest.raises(ConfigError, match="block_attn is not available"):
+        PredictorArgument(block_attn=True)
+    with pytest.raises(ConfigError, match="cachekv_int8_type 'dynamic' is not available"):
+        PredictorArgument(cachekv_int8_type="dynamic")
     with pytest.raises(ConfigError, match="together"):
         PredictorArgument(lora_path="a", prefix_path="b")
 

@@ -95,21 +95,47 @@ class PredictorArgument:
         default=None,
         metadata={"help": "None: the model's template; 'none': no template; a directory or a template file."},
     )
-    quant_type: str | None = field(default=None, metadata={"help": "Reserved: weight-only/A8W8 inference."})
-    inference_model: bool = field(default=False, metadata={"help": "Reserved: fused inference models."})
+    quant_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "weight_only_int8, weight_only_int4 or a8w8 (case-insensitive). A quantized model must match "
+            "it; a float model is round-to-nearest quantized at load (weight-only types; a8w8 needs do_ptq)."
+        },
+    )
+    quant_group_size: int = field(
+        default=-1,
+        metadata={
+            "help": "--quant_type on a float model: -1 per channel, or groups of e.g. 64 / 128 inputs."
+        },
+    )
+    inference_model: bool = field(
+        default=False,
+        metadata={
+            "help": "PaddleNLP's high-performance predictor: here the toolkit's own engine (the default)."
+        },
+    )
+    block_attn: bool = field(default=False, metadata={"help": "Not available: block (paged) attention."})
+    block_size: int = field(default=64, metadata={"help": "Block size of --block_attn (unused here)."})
+    cachekv_int8_type: str | None = field(default=None, metadata={"help": "Not available: int8 KV cache."})
 
     def __post_init__(self) -> None:
-        if self.quant_type is not None and str(self.quant_type).lower() not in ("none", ""):
+        from llm.infer.quantized import check_group_size, normalize_quant_type
+
+        self.quant_type = normalize_quant_type(self.quant_type)
+        self.quant_group_size = check_group_size(self.quant_group_size)
+        if self.quant_group_size != -1 and self.quant_type == "a8w8":
+            raise ConfigError("--quant_group_size applies to weight_only_int8 / weight_only_int4, not a8w8")
+        if self.block_attn:
             raise ConfigError(
-                f"quant_type {self.quant_type!r} is not available yet in this toolkit (weight-only / A8W8 "
-                "inference needs the fused inference models); leave --quant_type unset"
+                "block_attn is not available in this toolkit (block attention needs the CUDA custom ops of "
+                "paddlenlp_ops); the engine keeps one growing KV buffer per layer instead: leave --block_attn unset"
             )
-        self.quant_type = None
-        if self.inference_model:
+        if self.cachekv_int8_type is not None and str(self.cachekv_int8_type).lower() not in ("none", ""):
             raise ConfigError(
-                "inference_model is not available in this toolkit (the fused models need the CUDA custom ops "
-                "package paddlenlp_ops); use --mode dynamic, or export_model.py and --mode static"
+                f"cachekv_int8_type {self.cachekv_int8_type!r} is not available in this toolkit (the KV cache is "
+                "float32); leave --cachekv_int8_type unset"
             )
+        self.cachekv_int8_type = None
         if int(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         for name in ("src_length", "max_length"):

@@ -3,7 +3,8 @@
 The output directory gets the static program/parameters (:func:`llm.infer.static.export_engine`),
 ``config.json``, ``generation_config.json``, the tokenizer files, the chat template and
 ``export_info.json`` (the export-time ``src_length``/``max_length``, the static predictor's defaults). LoRA is merged
-before export; a prefix-tuned model is exported with its prefix key/values (the engine stores them). Everything is written to
+before export; a quantized model (or ``--quant_type``, see :mod:`llm.infer.quantized`) is exported with its low-bit
+weights as int8 / uint8 parameters; a prefix-tuned model is exported with its prefix key/values (the engine stores them). Everything is written to
 a staged directory published by the output-path policy of :mod:`llm.outputs`: the output may not be or
 overlap the model or adapter directories, an existing non-empty one needs ``--overwrite``, and an interrupted
 export never leaves a half-written model behind.
@@ -62,6 +63,7 @@ def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -
     """Load (and LoRA-merge) the model of ``args`` and write the static model to ``output_path``."""
     from llm.infer import static
     from llm.infer.predictor import load_dynamic, require_model_dir, set_device
+    from llm.quant.model import read_quantization_config
 
     path = require_model_dir(args.model_name_or_path)
     if args.mode == "static":
@@ -71,6 +73,8 @@ def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -
     output_path = check_output_path(output_path, inputs=inputs, overwrite=overwrite, what="output_path")
     set_device(args.device)
     tokenizer, model, src_length, max_length, dtype = load_dynamic(args, path)
+    stored = read_quantization_config(model.config)
+    quant_type = None if stored is None else stored.quant_type
 
     with staged_output(output_path, writer="export_model", inputs=inputs, overwrite=overwrite) as tmp:
         static.export_engine(
@@ -88,10 +92,14 @@ def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -
             "model": os.path.abspath(path),
             "lora_path": args.lora_path,
             "prefix_path": args.prefix_path,
+            "quant_type": quant_type,
         }
         write_json(os.path.join(tmp, EXPORT_INFO), info)
         check_static_dir(tmp, args.model_prefix)
-    print(f"exported static model to {output_path} (max_seq_len={src_length + max_length}, dtype={dtype})")
+    quant = "" if quant_type is None else f", {quant_type} weights kept low-bit"
+    print(
+        f"exported static model to {output_path} (max_seq_len={src_length + max_length}, dtype={dtype}{quant})"
+    )
     return output_path
 
 

@@ -5,6 +5,10 @@
   :func:`llm.infer.create_engine` builds the generation engine.
 * **Static** (``--mode static``): ``--model_name_or_path`` is an ``export_model.py`` output directory,
   loaded with :func:`llm.infer.static.load_static_engine`.
+* **Quantized** (``--quant_type``, :mod:`llm.infer.quantized`): a quantized directory loads as it is (its type
+  must match), a float model is round-to-nearest quantized at load (weight-only types); the step kernels run
+  the low-bit weights (:mod:`llm.infer.decoders.quant`). ``--inference_model`` (PaddleNLP's fused predictor)
+  selects the toolkit's own engine: the fast step kernel, no generic fallback.
 
 Prompts are encoded with the training code path (:func:`llm.data.encode_example` /
 :func:`llm.data.build_prompt_ids`): with a chat template a conversation ``[[user, bot], ..., [query]]`` is
@@ -131,7 +135,10 @@ class Predictor:
             return cls._from_static(args, path)
         check_dtype(adapter_dtype(args))  # before a Hugging Face directory is converted and cached
         loaded = load_dynamic(args, path)
-        engine = create_engine(loaded.model, max_batch_size=args.batch_size, dtype=loaded.dtype)
+        backend = "fast" if args.inference_model else "auto"
+        engine = create_engine(
+            loaded.model, max_batch_size=args.batch_size, dtype=loaded.dtype, backend=backend
+        )
         return cls._finish(args, path, engine, loaded.tokenizer, loaded.src_length, loaded.max_length)
 
     @classmethod
@@ -152,6 +159,7 @@ class Predictor:
                 "(LoRA is merged and the prefix is stored at export time)"
             )
         check_static_dir(path, args.model_prefix)
+        check_static_quant(path, args.quant_type, args.quant_group_size)
         tokenizer = load_tokenizer(path, chat_template=args.chat_template)
         engine = load_static_engine(
             path,
@@ -280,17 +288,40 @@ def prefix_positions(prefix_path: str | None, config: dict[str, Any]) -> int:
     )
 
 
+def check_static_quant(path: str, quant_type: str | None, group_size: int = -1) -> None:
+    """``--quant_type`` in static mode must describe the exported model (quantization happens at export)."""
+    from llm.infer.quantized import check_request_dir
+    from llm.quant.model import read_quantization_config
+
+    config = read_json(os.path.join(path, "config.json"), "config.json")
+    if quant_type is not None and read_quantization_config(config) is None:
+        raise ConfigError(
+            f"{path} was exported without quantization; --quant_type {quant_type} applies at export time: "
+            f"export_model.py --model_name_or_path MODEL --quant_type {quant_type} --output_path DIR"
+        )
+    check_request_dir(path, quant_type, group_size)
+
+
 def build_model(
-    path: str, dtype: str, *, lora_path: str | None = None, prefix_path: str | None = None
+    path: str,
+    dtype: str,
+    *,
+    lora_path: str | None = None,
+    prefix_path: str | None = None,
+    quant: Any = None,
 ) -> Any:
-    """The model ready for :func:`llm.infer.create_engine`: base (+ merged LoRA) or a ``PrefixModel``."""
+    """The model ready for :func:`llm.infer.create_engine`: base (+ merged LoRA) or a ``PrefixModel``;
+    ``quant`` (a :class:`llm.infer.quantized.QuantRequest`) quantizes a float model after the LoRA merge."""
     from llm.infer.adapters import load_checked_prefix, merge_lora
+    from llm.infer.quantized import apply_request
     from llm.model import load_model
 
     model = load_model(path, dtype=dtype)
     if lora_path:
         model = merge_lora(model, lora_path)
-    elif prefix_path:
+    if quant is not None:
+        model = apply_request(model, quant)
+    if prefix_path:
         model = load_checked_prefix(model, prefix_path)
     model.eval()
     return model
@@ -309,6 +340,7 @@ class DynamicModel(NamedTuple):
 def load_dynamic(args: PredictorArgument, path: str) -> DynamicModel:
     """The tokenizer, the model of :func:`build_model` (LoRA merged, or prefix-wrapped), the resolved
     ``src_length``/``max_length`` (a gpt/opt prefix takes position slots) and the dtype for ``args``."""
+    from llm.infer.quantized import check_request
     from llm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path, chat_template=args.chat_template)
@@ -318,7 +350,22 @@ def load_dynamic(args: PredictorArgument, path: str) -> DynamicModel:
         args.src_length, args.max_length, position_limit(config), reserved
     )
     dtype = adapter_dtype(args)
-    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path)
+    quant = check_request(
+        config, args.quant_type, args.quant_group_size, where=path
+    )  # before any weights load
+    if quant.stored is not None and args.lora_path:
+        raise ConfigError(
+            f"{path} is quantized ({quant.quant_type}): a LoRA adapter cannot be merged into low-bit weights; "
+            f"pass the float base model and --quant_type {quant.quant_type} (quantized after the merge)"
+        )
+    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path, quant=quant)
+    if quant.stored is not None:
+        from llm.infer.decoders import model_dtype
+
+        loaded = model_dtype(model)  # llm.quant.io keeps a quantized model's float tensors in float32 on CPU
+        if loaded != dtype:
+            logger.warning("%s: the quantized model's float tensors are %s, not %s", path, loaded, dtype)
+            dtype = loaded
     return DynamicModel(tokenizer, model, src_length, max_length, dtype)
 
 

@@ -8,7 +8,9 @@ dimensions dynamic -- and saves ``{model_prefix}.pdmodel``/``.pdiparams`` (defau
 :func:`load_static_engine` wraps a ``paddle.inference`` predictor in the same
 :class:`~llm.infer.decoders.runner.KernelRunner` the dynamic fast path uses (KV buffers are handed to the
 predictor zero-copy), so the decode loop, sampling and stopping are shared. All nine families export; a model outside a kernel's supported configuration (e.g.
-llama with ALiBi) is refused with :class:`ModelError`.
+llama with ALiBi) is refused with :class:`ModelError`. A quantized model (:mod:`llm.quant`) exports its low-bit
+weights as int8 / uint8 persistables with their float32 scales (dequantized inside the graph by
+:func:`llm.infer.decoders.quant.quant_linear`), never as float copies.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import paddle
 import paddle.nn.functional as F
 
 from llm.infer.decoders.half import HALF, WIDEN_BYTES, bf16_bits, stride_kernels, widen, widen_bits
+from llm.infer.decoders.quant import is_quant, is_quant_ref, kernel_linear, register
 
 NEG = -1e9
 HEAD_BLOCK = 768  # LM-head columns per block in dygraph (see StepKernel.enable_blocked_head)
@@ -342,6 +343,7 @@ class StepKernel(paddle.nn.Layer):
     weight_dtype: str = "float32"  # what its weights are stored in
     upcast: bool = False  # half-precision weights on CPU: each is widened to float32 where it is used
     q_scale: float = 1.0  # applied to the queries at run time when it is not folded into the weights
+    quantized: bool = False  # low-bit decoder linears (llm.quant): nothing folded, see decoders.quant
 
     def _set_dtypes(self, weight: paddle.Tensor) -> None:
         """Storage and compute dtypes from a weight: paddle 2.6 has no CPU kernels for half-precision matmul,
@@ -354,12 +356,18 @@ class StepKernel(paddle.nn.Layer):
         self, weight: paddle.Tensor, bias: paddle.Tensor | None, q_cols: int
     ) -> tuple[paddle.Tensor, paddle.Tensor | None]:
         """Fold ``1/sqrt(head_dim)`` into the query columns; half-precision weights on CPU are kept as stored
-        (a fold would round them a second time) and the queries are scaled at run time instead."""
+        (a fold would round them a second time), and so are low-bit ones (:attr:`quantized`); the queries are then
+        scaled at run time instead."""
         factor = 1.0 / math.sqrt(self.head_dim)
-        if self.upcast:
+        if self.keep_weights:
             self.q_scale = factor
             return weight, bias
         return fold_q_scale(weight, bias, q_cols, factor)
+
+    @property
+    def keep_weights(self) -> bool:
+        """Weights are used as stored: no norm or query-scale folding (half precision on CPU, or low-bit)."""
+        return self.upcast or self.quantized
 
     def _scale_q(self, q: paddle.Tensor) -> paddle.Tensor:
         return q if self.q_scale == 1.0 else q * self.q_scale
@@ -382,8 +390,10 @@ class StepKernel(paddle.nn.Layer):
                 self.register_buffer(name, tensor, persistable=True)
         return names[id(tensor)]
 
-    def _pair(self, name: str, wb: tuple) -> tuple[str | None, str | None]:
-        return self._reg(f"{name}_w", wb[0]), self._reg(f"{name}_b", wb[1])
+    def _pair(self, name: str, wb: tuple) -> tuple[Any, str | None]:
+        """Register a ``(weight, bias)`` pair; a low-bit weight registers its buffers (:func:`register`)."""
+        weight = register(self, name, wb[0]) if is_quant(wb[0]) else self._reg(f"{name}_w", wb[0])
+        return weight, self._reg(f"{name}_b", wb[1])
 
     def _t(self, name: str | None) -> paddle.Tensor | None:
         """The tensor registered as ``name`` in the compute dtype (widened when :attr:`upcast`)."""
@@ -419,10 +429,14 @@ class StepKernel(paddle.nn.Layer):
         return out
 
     def _linear(self, x: paddle.Tensor, names: tuple[str | None, str | None]) -> paddle.Tensor:
-        """:func:`linear` through :meth:`_matmul`."""
-        out = self._matmul(x, names[0])
+        """:func:`linear` through :meth:`_matmul` (a low-bit weight through :meth:`_qmatmul`)."""
+        out = self._qmatmul(x, names[0]) if is_quant_ref(names[0]) else self._matmul(x, names[0])
         bias = self._t(names[1])
         return out if bias is None else out + bias
+
+    def _qmatmul(self, x: paddle.Tensor, ref: Any) -> paddle.Tensor:
+        """``x @ W`` for a registered low-bit weight (:func:`llm.infer.decoders.quant.quant_linear`)."""
+        return kernel_linear(self, x, ref)
 
     def _blocked_linear(self, x: paddle.Tensor, names: tuple[str | None, str | None]) -> paddle.Tensor:
         """:func:`blocked_linear` through :meth:`_matmul`."""

@@ -29,11 +29,12 @@ from llm.infer.decoders.base import (
     rope_factors,
     rope_tables,
 )
-from llm.infer.decoders.classic import _per_head_to_blocks
+from llm.infer.decoders.classic import _per_head_to_blocks, _per_head_weight
+from llm.infer.decoders.quant import has_quant_layers, reorder_out, weight_of
 
 
 def _lin(layer: Any) -> tuple[Any, Any]:
-    return layer.weight, getattr(layer, "bias", None)
+    return weight_of(layer), getattr(layer, "bias", None)
 
 
 class ChatGLMKernel(StepKernel):
@@ -52,6 +53,7 @@ class ChatGLMKernel(StepKernel):
             cfg, "use_long_sequence_strategies", False
         ):
             raise ModelError("chatglm with tensor parallelism or long-sequence strategies has no fast kernel")
+        self.quantized = has_quant_layers(model)
         self.heads = self.kv_heads = int(cfg.num_attention_heads)
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.num_layers = len(stack.layers)
@@ -81,7 +83,7 @@ class ChatGLMKernel(StepKernel):
         self.blocks = []
         for i, blk in enumerate(stack.layers):
             w, b = _lin(blk.attention.query_key_value)
-            w = paddle.index_select(_per_head_to_blocks(w, self.heads, self.head_dim), index, axis=1)
+            w = reorder_out(_per_head_weight(w, self.heads, self.head_dim), index)
             b = (
                 None
                 if b is None

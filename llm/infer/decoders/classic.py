@@ -24,6 +24,15 @@ from llm.infer.decoders.base import (
     heads_first,
 )
 from llm.infer.decoders.half import HALF, widen
+from llm.infer.decoders.quant import (
+    concat_bias,
+    concat_out,
+    has_quant_layers,
+    is_quant,
+    out_index,
+    reorder_out,
+    weight_of,
+)
 
 CLASSIC_FAMILIES = ("gpt", "opt", "bloom", "glm")
 
@@ -35,7 +44,15 @@ class _Block(LayerWeights):
 
 
 def _lin(layer: Any) -> tuple[Any, Any]:
-    return layer.weight, getattr(layer, "bias", None)
+    return weight_of(layer), getattr(layer, "bias", None)
+
+
+def _per_head_weight(weight: Any, heads: int, head_dim: int) -> Any:
+    """:func:`_per_head_to_blocks` of a float ``[K, N]`` weight, or the same reorder of a low-bit one's rows."""
+    if is_quant(weight):
+        index = out_index(lambda t: _per_head_to_blocks(t, heads, head_dim), weight.out_features)
+        return reorder_out(weight, index)
+    return _per_head_to_blocks(weight, heads, head_dim)
 
 
 def _per_head_to_blocks(weight: paddle.Tensor, heads: int, head_dim: int) -> paddle.Tensor:
@@ -73,6 +90,7 @@ class ClassicKernel(StepKernel):
         cfg = model.config
         if getattr(cfg, "tensor_parallel_degree", 1) > 1:
             raise ModelError("tensor-parallel models have no fast kernel")
+        self.quantized = has_quant_layers(model)
         self.heads = self.kv_heads = int(getattr(cfg, "n_head", None) or cfg.num_attention_heads)
         self.head_dim = int(cfg.hidden_size) // self.heads
         self.eps = 1e-5
@@ -97,12 +115,11 @@ class ClassicKernel(StepKernel):
     def _qkv(self, att: Any) -> tuple[paddle.Tensor, paddle.Tensor | None]:
         if getattr(att, "qkv_proj", None) is not None:  # fused, per-head interleaved
             w, b = _lin(att.qkv_proj)
-            return _per_head_to_blocks(w, self.heads, self.head_dim), (
+            return _per_head_weight(w, self.heads, self.head_dim), (
                 None if b is None else _per_head_to_blocks(b, self.heads, self.head_dim)
             )
-        biases = [getattr(p, "bias", None) for p in (att.q_proj, att.k_proj, att.v_proj)]
-        w = paddle.concat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], axis=-1)
-        return w, (None if any(b is None for b in biases) else paddle.concat(biases, axis=-1))
+        projs = (att.q_proj, att.k_proj, att.v_proj)
+        return concat_out(*(weight_of(p) for p in projs)), concat_bias(*projs)
 
     def _load_gpt(self, model: Any, cfg: Any, t: dict) -> None:
         act = getattr(cfg, "hidden_activation", "gelu")
@@ -173,7 +190,7 @@ class ClassicKernel(StepKernel):
             att = b.self_attention
             w, bias = _lin(att.query_key_value)
             qkv = (
-                _per_head_to_blocks(w, self.heads, self.head_dim),
+                _per_head_weight(w, self.heads, self.head_dim),
                 None if bias is None else _per_head_to_blocks(bias, self.heads, self.head_dim),
             )
             blocks.append(

@@ -35,6 +35,16 @@ from llm.infer.decoders.base import (
     rope_tables,
     unblock,
 )
+from llm.infer.decoders.quant import (
+    concat_bias,
+    concat_out,
+    has_quant_layers,
+    is_quant,
+    is_quant_ref,
+    out_index,
+    reorder_out,
+    weight_of,
+)
 
 ROTARY_FAMILIES = ("llama", "mixtral", "qwen", "chatglm_v2")
 
@@ -46,9 +56,12 @@ class _Layer(LayerWeights):
     router: Any = None
 
 
-def _cat(*tensors: paddle.Tensor | None) -> paddle.Tensor | None:
+def _cat(*tensors: Any) -> Any:
+    """Weights (float ``[K, N]`` or low-bit) or biases concatenated along the outputs (None if any is None)."""
     if any(t is None for t in tensors):
         return None
+    if any(is_quant(t) for t in tensors):
+        return concat_out(*tensors)
     return paddle.concat(list(tensors), axis=-1)
 
 
@@ -56,8 +69,8 @@ def _bias(layer: Any) -> paddle.Tensor | None:
     return getattr(layer, "bias", None)
 
 
-def _lin(layer: Any) -> tuple[paddle.Tensor, paddle.Tensor | None]:
-    return layer.weight, _bias(layer)
+def _lin(layer: Any) -> tuple[Any, paddle.Tensor | None]:
+    return weight_of(layer), _bias(layer)
 
 
 class RotaryKernel(StepKernel):
@@ -72,6 +85,7 @@ class RotaryKernel(StepKernel):
         if self.family not in ROTARY_FAMILIES:
             raise ModelError(f"no rotary kernel for family '{self.family}'")
         self.config = model.config
+        self.quantized = has_quant_layers(model)
         getattr(self, f"_load_{self.family}")(model)
         self.vocab_size = int(self._head.shape[-1])
         self._set_dtypes(self._embed)
@@ -107,30 +121,34 @@ class RotaryKernel(StepKernel):
         layers = []
         for blk in base.layers:
             att = blk.self_attn
+            # biases: none in float llama/mixtral, but a Shift-quantized (A8W8) linear carries one
             if getattr(att, "fuse_attention_qkv", False):
-                g = self.heads // self.kv_heads
-                w = att.qkv_proj.weight.reshape([0, self.kv_heads, (g + 2) * self.head_dim])
-                q, k, v = paddle.split(w, [g * self.head_dim, self.head_dim, self.head_dim], axis=-1)
-                qkv = paddle.concat([t.reshape([0, -1]) for t in (q, k, v)], axis=-1)
+                qkv = self._split_fused_qkv(*_lin(att.qkv_proj))
             else:
-                qkv = _cat(att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)
+                projs = (att.q_proj, att.k_proj, att.v_proj)
+                qkv = (_cat(*(weight_of(p) for p in projs)), concat_bias(*projs))
             if self.family == "mixtral":
                 moe = blk.block_sparse_moe
-                gate_up = [(_cat(e.w1.weight, e.w3.weight), None) for e in moe.experts]
-                down = [(e.w2.weight, None) for e in moe.experts]
+                gate_up = [
+                    (_cat(weight_of(e.w1), weight_of(e.w3)), concat_bias(e.w1, e.w3)) for e in moe.experts
+                ]
+                down = [_lin(e.w2) for e in moe.experts]
                 router, self.top_k = moe.gate.weight, int(moe.top_k)
             else:
                 mlp = blk.mlp
                 if getattr(mlp, "fuse_attention_ffn", False):
-                    gu = mlp.gate_up_fused_proj.weight
+                    gu = _lin(mlp.gate_up_fused_proj)
                 else:
-                    gu = _cat(mlp.gate_proj.weight, mlp.up_proj.weight)
-                gate_up, down, router = [(gu, None)], [(mlp.down_proj.weight, None)], None
+                    gu = (
+                        _cat(weight_of(mlp.gate_proj), weight_of(mlp.up_proj)),
+                        concat_bias(mlp.gate_proj, mlp.up_proj),
+                    )
+                gate_up, down, router = [gu], [_lin(mlp.down_proj)], None
             layers.append(
                 _Layer(
                     (blk.input_layernorm.weight, None),
-                    (qkv, None),
-                    (att.o_proj.weight, None),
+                    qkv,
+                    _lin(att.o_proj),
                     (blk.post_attention_layernorm.weight, None),
                     gate_up,
                     down,
@@ -145,6 +163,23 @@ class RotaryKernel(StepKernel):
         )
 
     _load_mixtral = _load_llama
+
+    def _split_fused_qkv(self, weight: Any, bias: Any) -> tuple[Any, Any]:
+        """paddlenlp's fused ``qkv_proj`` (per KV group ``[q_g | k | v]``) -> ``[q | k | v]`` columns."""
+        g, d = self.heads // self.kv_heads, self.head_dim
+
+        def split(w: paddle.Tensor) -> paddle.Tensor:
+            w = w.reshape([0, self.kv_heads, (g + 2) * d])
+            q, k, v = paddle.split(w, [g * d, d, d], axis=-1)
+            return paddle.concat([t.reshape([0, -1]) for t in (q, k, v)], axis=-1)
+
+        def split_vector(v: paddle.Tensor) -> paddle.Tensor:
+            return split(v.reshape([1, -1]))[0]
+
+        bias = None if bias is None else split_vector(bias)
+        if is_quant(weight):  # the same reorder as a row selection of the low-bit storage
+            return reorder_out(weight, out_index(split_vector, weight.out_features)), bias
+        return split(weight), bias
 
     def _load_qwen(self, model: Any) -> None:
         cfg, base = model.config, model.qwen
@@ -168,7 +203,7 @@ class RotaryKernel(StepKernel):
                     _lin(blk.attn.c_attn),
                     _lin(blk.attn.c_proj),
                     (blk.ln_2.weight, None),
-                    [(_cat(mlp.w2.weight, mlp.w1.weight), _cat(_bias(mlp.w2), _bias(mlp.w1)))],
+                    [(_cat(weight_of(mlp.w2), weight_of(mlp.w1)), concat_bias(mlp.w2, mlp.w1))],
                     [_lin(mlp.c_proj)],
                 )
             )
@@ -205,7 +240,7 @@ class RotaryKernel(StepKernel):
         for blk in base.encoder.layers:
             att, mlp = blk.self_attention, blk.mlp
             w, b = _lin(att.query_key_value)
-            w = paddle.index_select(w, index, axis=1)
+            w = reorder_out(w, index)
             b = None if b is None else paddle.index_select(b, index)
             ln = (lambda m: (m.weight, None)) if cfg.rmsnorm else _lin
             layers.append(
@@ -225,18 +260,23 @@ class RotaryKernel(StepKernel):
 
     def _fold(self) -> None:
         """Fold the RMSNorm weights into the following matmuls and ``1/sqrt(d)`` into the query columns (not for
-        half-precision weights on CPU: see :meth:`StepKernel._fold_q`)."""
+        half-precision weights on CPU, nor for low-bit models: see :meth:`StepKernel._fold_q`). Float gate/up
+        weights are split into column blocks; low-bit ones stay ``[2 * inter, K]`` (plain path in :meth:`_swiglu`)."""
         q_cols = self.heads * self.head_dim
         for lw in self.layers_w:
             qkv_w, qkv_b = lw.qkv
-            if lw.ln1[1] is None and not self.upcast:  # RMSNorm: (x_hat * w) @ W == x_hat @ (w[:, None] * W)
+            # RMSNorm: (x_hat * w) @ W == x_hat @ (w[:, None] * W)
+            if lw.ln1[1] is None and not self.keep_weights:
                 qkv_w, lw.ln1 = fold_rows(qkv_w, lw.ln1[0]), (None, None)
             lw.qkv = self._fold_q(qkv_w, qkv_b, q_cols)
-            if lw.ln2[1] is None and not self.upcast:
+            if lw.ln2[1] is None and not self.keep_weights:
                 w2, lw.ln2 = lw.ln2[0], (None, None)
                 lw.gate_up = [(fold_rows(w, w2), b) for w, b in lw.gate_up]
                 lw.router = None if lw.router is None else fold_rows(lw.router, w2)
-            lw.gate_up = [column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2)) for w, b in lw.gate_up]
+            lw.gate_up = [
+                (w, b) if is_quant(w) else column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2))
+                for w, b in lw.gate_up
+            ]
 
     def _register(self) -> None:
         """Register every tensor (see :meth:`StepKernel._reg`); ``layers_w`` then holds names."""
@@ -256,7 +296,11 @@ class RotaryKernel(StepKernel):
     # forward
     # ------------------------------------------------------------------------------------------
     def _swiglu(self, x: paddle.Tensor, gate_up: tuple, down: tuple) -> paddle.Tensor:
-        """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout."""
+        """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout (a low-bit one
+        as one ``[..., 2 * inter]`` product)."""
+        if is_quant_ref(gate_up[0]):
+            g, u = paddle.chunk(self._linear(x, gate_up), 2, axis=-1)
+            return self._linear(F.silu(g) * u, down)
         gu = self._blocked_linear(x, gate_up)  # [2n, rows, width]: n gate blocks, then n up blocks
         n = gu.shape[0] // 2
         return self._linear(unblock(F.silu(gu[:n]) * gu[n:], x), down)
