@@ -15,6 +15,7 @@ weights as int8 / uint8 persistables with their float32 scales (dequantized insi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -24,8 +25,9 @@ import paddle
 from paddle import inference
 from paddlenlp.peft import PrefixModelForCausalLM
 
+from llm import kernels as lk
 from llm.errors import ConfigError, ModelError
-from llm.infer.decoders import FAST_FAMILIES, build_kernel
+from llm.infer.decoders import FAST_FAMILIES, build_kernel, fastmm
 from llm.infer.decoders.runner import KernelRunner, StepFn
 from llm.infer.engine import Engine
 
@@ -34,6 +36,8 @@ META_FILE = "engine.json"
 PREFIX_FILE = "prefix_cache.npz"
 FORMAT_VERSION = 1
 BASE_INPUTS = ("input_ids", "positions", "new_bias", "past_bias", "past_keypos")
+#: operator library a ``custom_ops`` export needs loaded before its predictor is created (:mod:`llm.kernels`)
+CUSTOM_OPS = "llm.kernels"
 
 
 def _input_specs(kernel: Any, dtype: str) -> list[paddle.static.InputSpec]:
@@ -66,18 +70,32 @@ def check_stem(stem: str) -> str:
 
 
 def export_engine(
-    model: Any, output_path: str, *, max_seq_len: int, dtype: str = "float32", model_prefix: str = MODEL_STEM
+    model: Any,
+    output_path: str,
+    *,
+    max_seq_len: int,
+    dtype: str = "float32",
+    model_prefix: str = MODEL_STEM,
+    kernels: bool | None = None,
 ) -> None:
     """Export ``model`` (CausalLM with LoRA merged, or a ``PrefixModel``) for :func:`load_static_engine`
-    as ``{model_prefix}.pdmodel`` / ``.pdiparams`` + ``engine.json``."""
+    as ``{model_prefix}.pdmodel`` / ``.pdiparams`` + ``engine.json``.
+
+    ``kernels``: the program's weight products are the toolkit's custom operators (:mod:`llm.kernels`; plain
+    weight layouts, the loader needs the operator library) -- ``None``: when they are available (not with
+    ``LLM_KERNELS=0``); ``False``: paddle ops only (a portable program, blocked layouts as before)."""
     from llm.model import family_of
 
     check_stem(model_prefix)
     family = family_of(model).name
     if dtype != "float32":
         raise ConfigError(f"static export supports dtype float32 on CPU, got {dtype!r}")
+    use_ops = fastmm.enabled() if kernels is None else bool(kernels)
+    if use_ops and not fastmm.enabled():
+        raise ConfigError(f"kernels=True, but the llm kernels are unavailable ({lk.unavailable_reason()})")
     try:
-        kernel = build_kernel(model)
+        with contextlib.nullcontext() if use_ops else fastmm.paddle_layouts():
+            kernel = build_kernel(model)
     except ModelError as err:
         raise ModelError(
             f"cannot export this {family} model: static export runs the family's step kernel and {err} "
@@ -95,9 +113,10 @@ def export_engine(
         raise ConfigError(f"max_seq_len must be in [2, {limit}] for this model, got {max_seq_len}")
     os.makedirs(output_path, exist_ok=True)
     specs = _input_specs(kernel, dtype)
-    static_kernel = paddle.jit.to_static(kernel, input_spec=specs, full_graph=True)
     feeds = [s for s in specs[:-1] if s.name != "past_keypos" or kernel.uses_keypos] + specs[-1]
-    paddle.jit.save(static_kernel, os.path.join(output_path, model_prefix), input_spec=feeds)
+    with fastmm.graph_kernels() if kernel.fast_mm else contextlib.nullcontext():
+        static_kernel = paddle.jit.to_static(kernel, input_spec=specs, full_graph=True)
+        paddle.jit.save(static_kernel, os.path.join(output_path, model_prefix), input_spec=feeds)
     if prefix:
         arrays = {
             f"{kind}_{i}": t.numpy() for i, (k, v) in enumerate(prefix) for kind, t in (("k", k), ("v", v))
@@ -113,6 +132,7 @@ def export_engine(
         "geometry": kernel.describe(),
         "inputs": [s.name for s in feeds],
         "outputs": ["logits"] + [f"new_{kind}_{i}" for i in range(kernel.num_layers) for kind in ("k", "v")],
+        "custom_ops": CUSTOM_OPS if kernel.fast_mm else [],
         "notes": "one program for prefill and decode; biases are additive (0 / -1e9); caches [b, kv, T, d]",
     }
     with open(os.path.join(output_path, META_FILE), "w", encoding="utf-8") as fh:
@@ -144,6 +164,20 @@ def read_meta(path: str, model_prefix: str | None = None) -> dict[str, Any]:
     if missing:
         raise ModelError(f"{path}: exported engine incomplete, missing {', '.join(missing)}")
     return meta
+
+
+def require_custom_ops(path: str, meta: dict[str, Any]) -> None:
+    """Load the operator library an export was traced with (``engine.json`` ``custom_ops``) into this process --
+    ``paddle.inference`` resolves custom operators from the process's registry when the predictor is created --
+    or raise :class:`ModelError` when it cannot be loaded here."""
+    if not meta.get("custom_ops"):
+        return
+    if not lk.available():
+        raise ModelError(
+            f"{path} was exported with the toolkit's CPU kernels ({meta['custom_ops']} custom operators), which are "
+            f"unavailable here ({lk.unavailable_reason()}); export the model again with LLM_KERNELS=0 for a "
+            "program of paddle operators only"
+        )
 
 
 def make_predictor(
@@ -230,6 +264,7 @@ def load_static_engine(
         )
     meta = read_meta(path, model_prefix)
     stem = meta["model_prefix"]
+    require_custom_ops(path, meta)
     if mkldnn is None:
         mkldnn = {"1": True, "prefill": "prefill"}.get(os.environ.get("LLM_STATIC_MKLDNN", "0"), False)
     if mkldnn not in (True, False, "prefill"):
@@ -247,6 +282,8 @@ def load_static_engine(
         prefix=prefix,
         max_seq_len=int(meta["max_seq_len"]),
         dtype=meta["dtype"],
-        kind="static/paddle.inference" + {True: "+mkldnn", "prefill": "+mkldnn-prefill"}.get(mkldnn, ""),
+        kind="static/paddle.inference"
+        + ("+llm-kernels" if meta.get("custom_ops") else "")
+        + {True: "+mkldnn", "prefill": "+mkldnn-prefill"}.get(mkldnn, ""),
     )
     return Engine(runner, max_batch_size=max_batch_size)

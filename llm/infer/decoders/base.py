@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from llm.infer.decoders import fastmm
 from llm.infer.decoders.half import HALF, WIDEN_BYTES, bf16_bits, stride_kernels, widen, widen_bits
 from llm.infer.decoders.quant import is_quant, is_quant_ref, kernel_linear, register
 
@@ -344,13 +345,16 @@ class StepKernel(paddle.nn.Layer):
     upcast: bool = False  # half-precision weights on CPU: each is widened to float32 where it is used
     q_scale: float = 1.0  # applied to the queries at run time when it is not folded into the weights
     quantized: bool = False  # low-bit decoder linears (llm.quant): nothing folded, see decoders.quant
+    fast_mm: bool = False  # plain weight layouts for the llm.kernels custom ops (see decoders.fastmm)
 
     def _set_dtypes(self, weight: paddle.Tensor) -> None:
         """Storage and compute dtypes from a weight: paddle 2.6 has no CPU kernels for half-precision matmul,
-        norms or softmax, so on CPU such weights stay half (half the memory) and are computed in float32."""
+        norms or softmax, so on CPU such weights stay half (half the memory) and are computed in float32.
+        Also decides the weight layouts (:func:`fastmm.layout_for_kernels`)."""
         self.weight_dtype = str(weight.dtype).replace("paddle.", "")
         self.upcast = weight.dtype in HALF and weight.place.is_cpu_place()
         self.dtype_name = "float32" if self.upcast else self.weight_dtype
+        self.fast_mm = fastmm.layout_for_kernels(weight)
 
     def _fold_q(
         self, weight: paddle.Tensor, bias: paddle.Tensor | None, q_cols: int
@@ -412,9 +416,14 @@ class StepKernel(paddle.nn.Layer):
         return self._t(names[0]), self._t(names[1])
 
     def _matmul(self, x: paddle.Tensor, name: str) -> paddle.Tensor:
-        """``x @ W`` for the weight registered as ``name``. A bfloat16 weight on CPU is widened in row chunks
-        of at most :data:`WIDEN_BYTES` (2-D ``[in, out]``: partial products over the input rows are summed;
-        3-D blocks: the blocks' products are concatenated), so no float32 copy of a large matrix is ever made."""
+        """``x @ W`` for the weight registered as ``name``: a decode-shaped call on a 2-D float32 / bfloat16 weight
+        runs the custom kernel (:func:`fastmm.kn`, bfloat16 read as stored). Otherwise paddle's matmul; a bfloat16
+        weight on CPU is then widened in row chunks of at most :data:`WIDEN_BYTES` (2-D ``[in, out]``: partial
+        products over the input rows are summed; 3-D blocks: the blocks' products are concatenated), so no float32
+        copy of a large matrix is ever made."""
+        fast = fastmm.product(self, x, name) if self.fast_mm else None
+        if fast is not None:
+            return fast
         parts = self.__dict__.get("_bits", {}).get(name) if self.upcast else None
         if parts is None or not paddle.in_dynamic_mode():
             return paddle.matmul(x, self._t(name))
@@ -435,7 +444,8 @@ class StepKernel(paddle.nn.Layer):
         return out if bias is None else out + bias
 
     def _qmatmul(self, x: paddle.Tensor, ref: Any) -> paddle.Tensor:
-        """``x @ W`` for a registered low-bit weight (:func:`llm.infer.decoders.quant.quant_linear`)."""
+        """``x @ W`` for a registered low-bit weight (:func:`llm.infer.decoders.quant.quant_linear`, which runs
+        the int8 / int4 custom kernels for decode-shaped calls)."""
         return kernel_linear(self, x, ref)
 
     def _blocked_linear(self, x: paddle.Tensor, names: tuple[str | None, str | None]) -> paddle.Tensor:
@@ -475,7 +485,11 @@ class StepKernel(paddle.nn.Layer):
         Measured on this CPU (hidden 576, vocab 49152, head not in cache): 16 rows 12.3 ms through a
         ``[V, hidden]`` head (``transpose_y``) and 17.2 ms through ``[hidden, V]``, 6.3 ms blocked; one row
         4.3 ms / 8.5 ms / 4.0 ms.
+
+        Not made when the kernel uses the custom ops (:attr:`fast_mm`): they read the head in place at any batch.
         """
+        if self.fast_mm:
+            return
         head = self._t(name)
         if transposed:
             head = paddle.transpose(head, [1, 0])
@@ -490,6 +504,9 @@ class StepKernel(paddle.nn.Layer):
     def _logits(self, last: paddle.Tensor, name: str, transposed: bool) -> paddle.Tensor:
         """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked copy)."""
         vocab = self.__dict__.get("_head_vocab")
+        fast = fastmm.head(self, last, name, transposed) if self.fast_mm and vocab is None else None
+        if fast is not None:
+            return fast
         if vocab is None:
             return paddle.matmul(last, self._t(name), transpose_y=transposed)
         head = self.lm_head_blocks

@@ -244,7 +244,7 @@ class ClassicKernel(StepKernel):
         w = self.w
         hidden = self._rows(input_ids, w["embed"])
         if w["proj_in"] is not None:
-            hidden = paddle.matmul(hidden, self._t(w["proj_in"]))
+            hidden = self._matmul(hidden, w["proj_in"])
         if w["pos"] is not None:
             hidden = hidden + self._rows(positions + self.pos_offset, w["pos"])
         if w["emb_ln"] is not None:
@@ -274,7 +274,7 @@ class ClassicKernel(StepKernel):
         if w["final"] is not None:
             last = self._ln(last, w["final"])
         if w["proj_out"] is not None:
-            last = paddle.matmul(last, self._t(w["proj_out"]))
+            last = self._matmul(last, w["proj_out"])
         return [self._logits(last, w["head"], self.head_transposed), *st.outputs]
 
     def head_layout(self) -> tuple[str, bool]:

@@ -7,8 +7,10 @@ concatenates the low-bit rows along N (axis 0 of ``qweight`` and ``scales``) whe
 separate (:class:`QParts`) and their outputs are concatenated. Column reorders of a fused projection (per-head
 ``[q k v]`` interleaving, ChatGLM's rotary column order) become row selections of the low-bit storage.
 
-Every quantized product goes through :func:`quant_linear` -- the one function to replace with native low-bit
-kernels. Here it dequantizes one layer's weight at a time with paddle ops (no float copy of the model):
+Every quantized product goes through :func:`quant_linear`. Decode-shaped calls (dygraph, at most
+``llm.kernels.MAX_ROWS`` rows, custom ops loaded: :mod:`llm.infer.decoders.fastmm`) run the native int8 / int4
+kernels on the storage as it is; otherwise (long prefills, the exported graph, ``LLM_KERNELS=0``) it dequantizes one
+layer's weight at a time with paddle ops (no float copy of the model):
 
 * int8: ``cast`` to float32, ``x @ W^T``;
 * int4: the packed bytes ``b`` are cast to float32 once; ``hi = floor(b / 16) - 8`` and
@@ -28,6 +30,7 @@ import numpy as np
 import paddle
 
 from llm.errors import ModelError
+from llm.infer.decoders import fastmm
 from llm.quant.layers import QuantLinear, fake_quant_act
 
 Weight = Any  # paddle.Tensor ([K, N] float) | QWeight | QParts
@@ -247,9 +250,13 @@ def quant_linear(
     act_scale: paddle.Tensor | None = None,
     smooth: paddle.Tensor | None = None,
     shift: paddle.Tensor | None = None,
+    kernels: bool | None = None,
 ) -> paddle.Tensor:
     """``x [..., K] @ deq(W)^T (+ bias)`` for a low-bit ``W`` (see the module docstring): the single entry
-    point of quantized products in the step kernels (dygraph and the exported graph)."""
+    point of quantized products in the step kernels (dygraph and the exported graph). A decode-shaped call
+    (:func:`fastmm.small`) on CPU runs the int8 / int4 custom kernel on the storage as it is (shift, smoothing,
+    activation fake-quant and bias around it as here); otherwise the weight is dequantized with paddle ops.
+    ``kernels``: False never uses them, True skips the CPU-placement check (a kernel built for them)."""
     if x.dtype != paddle.float32:
         x = x.astype("float32")
     if shift is not None:  # the order of QuantLinear.prepare_input
@@ -258,6 +265,9 @@ def quant_linear(
         x = x / smooth
     if act_scale is not None:
         x = fake_quant_act(x, act_scale)
+    fast = None if kernels is False else fastmm.low_bit_product(x, qweight, scales, bits, kernels)
+    if fast is not None:
+        return fast if bias is None else fast + bias
     grouped = scales.shape[1] > 1
     if bits == 4:
         lo, hi = _int4_halves(qweight)
@@ -278,7 +288,7 @@ def kernel_linear(kernel: Any, x: paddle.Tensor, ref: QRef | PartsRef) -> paddle
     """``x`` through the registered low-bit projection ``ref`` of ``kernel`` (no bias)."""
     if isinstance(ref, PartsRef):
         outs = [
-            kernel_linear(kernel, x, part) if is_quant_ref(part) else paddle.matmul(x, kernel._t(part))
+            kernel_linear(kernel, x, part) if is_quant_ref(part) else kernel._matmul(x, part)
             for part in ref.parts
         ]
         return paddle.concat(outs, axis=-1)
@@ -295,4 +305,5 @@ def kernel_linear(kernel: Any, x: paddle.Tensor, ref: QRef | PartsRef) -> paddle
         act_scale=get(ref.act_scale),
         smooth=get(ref.smooth),
         shift=get(ref.shift),
+        kernels=kernel.fast_mm,
     )

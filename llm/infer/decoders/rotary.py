@@ -261,7 +261,8 @@ class RotaryKernel(StepKernel):
     def _fold(self) -> None:
         """Fold the RMSNorm weights into the following matmuls and ``1/sqrt(d)`` into the query columns (not for
         half-precision weights on CPU, nor for low-bit models: see :meth:`StepKernel._fold_q`). Float gate/up
-        weights are split into column blocks; low-bit ones stay ``[2 * inter, K]`` (plain path in :meth:`_swiglu`)."""
+        weights are split into column blocks for paddle's matmul (not with the custom ops, :attr:`fast_mm`); low-bit
+        ones stay ``[2 * inter, K]`` (plain path in :meth:`_swiglu`)."""
         q_cols = self.heads * self.head_dim
         for lw in self.layers_w:
             qkv_w, qkv_b = lw.qkv
@@ -273,10 +274,11 @@ class RotaryKernel(StepKernel):
                 w2, lw.ln2 = lw.ln2[0], (None, None)
                 lw.gate_up = [(fold_rows(w, w2), b) for w, b in lw.gate_up]
                 lw.router = None if lw.router is None else fold_rows(lw.router, w2)
-            lw.gate_up = [
-                (w, b) if is_quant(w) else column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2))
-                for w, b in lw.gate_up
-            ]
+            if not self.fast_mm:  # the custom ops read the plain [K, 2 * inter] weight (decoders.fastmm)
+                lw.gate_up = [
+                    (w, b) if is_quant(w) else column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2))
+                    for w, b in lw.gate_up
+                ]
 
     def _register(self) -> None:
         """Register every tensor (see :meth:`StepKernel._reg`); ``layers_w`` then holds names."""
@@ -297,8 +299,8 @@ class RotaryKernel(StepKernel):
     # ------------------------------------------------------------------------------------------
     def _swiglu(self, x: paddle.Tensor, gate_up: tuple, down: tuple) -> paddle.Tensor:
         """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout (a low-bit one
-        as one ``[..., 2 * inter]`` product)."""
-        if is_quant_ref(gate_up[0]):
+        as one ``[..., 2 * inter]`` product, and so is a plain float one, :attr:`fast_mm`)."""
+        if self.fast_mm or is_quant_ref(gate_up[0]):
             g, u = paddle.chunk(self._linear(x, gate_up), 2, axis=-1)
             return self._linear(F.silu(g) * u, down)
         gu = self._blocked_linear(x, gate_up)  # [2n, rows, width]: n gate blocks, then n up blocks
@@ -308,7 +310,7 @@ class RotaryKernel(StepKernel):
     def _mlp(self, x: paddle.Tensor, lw: _Layer) -> paddle.Tensor:
         if lw.router is None:
             return self._swiglu(x, lw.gate_up[0], lw.down[0])
-        probs = F.softmax(paddle.matmul(x, self._t(lw.router)).astype("float32"), axis=-1)  # [b, s, E]
+        probs = F.softmax(self._matmul(x, lw.router).astype("float32"), axis=-1)  # [b, s, E]
         top, _ = paddle.topk(probs, self.top_k, axis=-1)
         weights = paddle.where(probs >= top[:, :, -1:], probs, paddle.zeros_like(probs))
         weights = weights / top.sum(axis=-1, keepdim=True)
