@@ -9,4 +9,5 @@ setup(
     packages=find_packages(include=["llm", "llm.*"]),
     python_requires=">=3.10",
     include_package_data=True,
+    package_data={"llm.kernels": ["csrc/*.cc", "csrc/*.h"]},  # compiled on first use (llm.kernels.build)
 )

@@ -459,7 +459,10 @@ def main() -> None:
     jobs = [
         (s, k)
         for s in systems
-        for k in (["fp32"] if s == "transformers" else [k for k in kinds if s != "llama.cpp" or k != "bf16"])
+        for k in (["fp32"] if s == "transformers" else kinds)
+        if not (
+            k == "bf16" and (s == "llama.cpp" or "static" in s)
+        )  # static export and the GGUF rows: no bf16
     ]
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -140,6 +140,29 @@ def test_int4_kernel_matches_dequantized_matmul(isa: str, shape: tuple[int, int,
         _check(out, x, _dequantized(q, s), LOW_BIT_RTOL)
 
 
+@pytest.mark.parametrize(
+    "shape", [(1, 576), (3, 17), (33, 1536), (2, 1)], ids=["1x576", "3x17", "33x1536", "2x1"]
+)
+def test_fused_elementwise_ops_match_float64(shape: tuple[int, int]) -> None:
+    """``rms_norm`` (paddlenlp's RMSNorm) and ``swiglu`` (``silu(gate) * up``) against float64 NumPy."""
+    m, d = shape
+    rng = _rng(m, d, 3)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-6) * w
+    got = kernels.rms_norm(paddle.to_tensor(x), paddle.to_tensor(w), 1e-6).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    gu = rng.standard_normal((m, 2 * d)).astype(np.float64) * 4
+    ref = gu[:, :d] / (1 + np.exp(-gu[:, :d])) * gu[:, d:]
+    got = kernels.swiglu(paddle.to_tensor(gu.astype(np.float32))).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with kernels.fallback():
+        np.testing.assert_allclose(
+            kernels.swiglu(paddle.to_tensor(gu.astype(np.float32))).numpy(), ref, rtol=1e-5, atol=1e-5
+        )
+
+
 def test_leading_dims_and_thread_count_do_not_change_results() -> None:
     """``x [b, s, K]`` gives ``[b, s, N]``; one thread and two threads give bitwise equal outputs (N is split
     between threads, each output's sum runs in the same order)."""

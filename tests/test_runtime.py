@@ -14,12 +14,13 @@ from llm import runtime
 PROBE = (
     "import json, os, {first}, {second}; print(json.dumps({{"
     "'stride': paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'], "
-    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE']}}))"
+    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE'], "
+    "'wait': os.environ['OMP_WAIT_POLICY']}}))"
 )
 
 
 def _probe(order: tuple[str, str] = ("llm", "paddle"), **env: str) -> dict:
-    unset = ("FLAGS_use_stride_kernel", "OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")
+    unset = ("FLAGS_use_stride_kernel", "OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", "OMP_WAIT_POLICY")
     clean = {k: v for k, v in os.environ.items() if k not in unset}
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(first=order[0], second=order[1])],
@@ -33,7 +34,7 @@ def _probe(order: tuple[str, str] = ("llm", "paddle"), **env: str) -> dict:
 
 def test_defaults_are_set_before_paddle_loads() -> None:
     got = _probe()
-    assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": "5"}
+    assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": "5", "wait": "PASSIVE"}
 
 
 def test_stride_default_applies_when_paddle_was_imported_first() -> None:
@@ -41,8 +42,10 @@ def test_stride_default_applies_when_paddle_was_imported_first() -> None:
 
 
 def test_environment_values_win() -> None:
-    got = _probe(FLAGS_use_stride_kernel="1", OMP_NUM_THREADS="1", MKL_DEBUG_CPU_TYPE="0")
-    assert got == {"stride": True, "omp": "1", "mkl": "0"}
+    got = _probe(
+        FLAGS_use_stride_kernel="1", OMP_NUM_THREADS="1", MKL_DEBUG_CPU_TYPE="0", OMP_WAIT_POLICY="ACTIVE"
+    )
+    assert got == {"stride": True, "omp": "1", "mkl": "0", "wait": "ACTIVE"}
 
 
 def test_malloc_tuning_can_be_switched_off(monkeypatch) -> None:

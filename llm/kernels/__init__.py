@@ -242,6 +242,23 @@ def linear_int4(x: paddle.Tensor, qweight: paddle.Tensor, scales: paddle.Tensor)
     return ops.llm_linear_int4(x, qweight, scales)
 
 
+def rms_norm(x: paddle.Tensor, w: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """``rsqrt(mean(x^2, -1) + eps) * x * w`` for float32 ``x [..., D]``, ``w [D]`` (one operator)."""
+    ops = _native(x, w)
+    if ops is None:
+        return paddle.rsqrt((x * x).mean(-1, keepdim=True) + eps) * x * w
+    return ops.llm_rms_norm(x, w, eps)
+
+
+def swiglu(x: paddle.Tensor) -> paddle.Tensor:
+    """``silu(gate) * up`` for float32 ``x [..., 2I] = [gate | up]`` -> ``[..., I]`` (one operator)."""
+    ops = _native(x)
+    if ops is None:
+        g, u = paddle.chunk(x, 2, axis=-1)
+        return paddle.nn.functional.silu(g) * u
+    return ops.llm_swiglu(x)
+
+
 __all__ = [
     "MAX_ROWS",
     "available",
@@ -252,6 +269,8 @@ __all__ = [
     "linear_int8",
     "linear_kn",
     "linear_nk",
+    "rms_norm",
+    "swiglu",
     "unavailable_reason",
     "use_fallback",
 ]

@@ -29,10 +29,18 @@ from typing import Any
 
 NAME = "llm_kernels_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
+SOURCES = ("ops.cc", "fused.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
 HEADERS = ("kernels.h", "impl.h", "pool.h")
 CXXFLAGS = ["-O3", "-g0", "-std=c++17", "-pthread", "-fno-math-errno", "-Wno-unused-parameter"]
-OPS = ("llm_linear_kn", "llm_linear_nk", "llm_linear_int8", "llm_linear_int4", "llm_kernels_config")
+OPS = (
+    "llm_linear_kn",
+    "llm_linear_nk",
+    "llm_linear_int8",
+    "llm_linear_int4",
+    "llm_rms_norm",
+    "llm_swiglu",
+    "llm_kernels_config",
+)
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 
@@ -186,6 +194,12 @@ class Ops:
 
     def llm_linear_int4(self, x: Any, q: Any, s: Any) -> Any:
         return self._run("llm_linear_int4", x, q, s)[0]
+
+    def llm_rms_norm(self, x: Any, w: Any, eps: float) -> Any:
+        return self._run("llm_rms_norm", x, w, float(eps))[0]
+
+    def llm_swiglu(self, x: Any) -> Any:
+        return self._run("llm_swiglu", x)[0]
 
     def config(self, isa: int = -1, threads: int = -1, spin_us: int = -1) -> dict[str, Any]:
         """Set / read the dispatch state (see ops.cc: ``llm_kernels_config``)."""

@@ -98,42 +98,83 @@ def _f32(x: paddle.Tensor) -> paddle.Tensor:
     return x if x.dtype == paddle.float32 else x.astype("float32")
 
 
-def _graph_op(op: str, inputs: dict[str, paddle.Tensor]) -> paddle.Tensor:
+def _graph_op(
+    op: str, inputs: dict[str, paddle.Tensor], attrs: dict[str, Any] | None = None
+) -> paddle.Tensor:
     """Append the custom operator ``op`` to the program being traced (float32 output; inputs cast to float32)."""
     inputs["X"] = _f32(inputs["X"])
     helper = LayerHelper(op)
     out = helper.create_variable_for_type_inference("float32")
-    helper.append_op(type=op, inputs=inputs, outputs={"Out": out})
+    helper.append_op(type=op, inputs=inputs, outputs={"Out": out}, attrs=attrs or {})
     return out
 
 
-# In dygraph ``x`` is passed as it is: the step kernels' activations are float32 (the wrappers check it).
+# In dygraph the operators are called directly, without the checks of the public llm.kernels wrappers (a few
+# microseconds each, ~120 calls per decode step): the step kernels' shapes and dtypes are right by construction,
+# and the operators check their inputs again (PD_CHECK).
+def _run(op: str, *args: Any) -> paddle.Tensor:
+    return getattr(lk._ops(), op)(*args)
+
+
 def kn(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     """``x [..., K] @ w [K, N]`` (float32 / bfloat16 ``w``) -> float32 ``[..., N]``."""
     if not paddle.in_dynamic_mode():
         return _graph_op("llm_linear_kn", {"X": x, "W": w})
-    return lk.linear_kn(x, w)
+    return _run("llm_linear_kn", x, w)
 
 
 def nk(x: paddle.Tensor, w: paddle.Tensor) -> paddle.Tensor:
     """``x [..., K] @ w [N, K]^T`` -> float32 ``[..., N]``."""
     if not paddle.in_dynamic_mode():
         return _graph_op("llm_linear_nk", {"X": x, "W": w})
-    return lk.linear_nk(x, w)
+    return _run("llm_linear_nk", x, w)
 
 
 def int8(x: paddle.Tensor, qweight: paddle.Tensor, scales: paddle.Tensor) -> paddle.Tensor:
     """``x @ (q * scales)^T`` for ``int8 [N, K]`` storage."""
     if not paddle.in_dynamic_mode():
         return _graph_op("llm_linear_int8", {"X": x, "Q": qweight, "S": scales})
-    return lk.linear_int8(x, qweight, scales)
+    return _run("llm_linear_int8", x, qweight, scales)
 
 
 def int4(x: paddle.Tensor, qweight: paddle.Tensor, scales: paddle.Tensor) -> paddle.Tensor:
     """``x @ (q * scales)^T`` for packed ``uint8 [N, K / 2]`` storage."""
     if not paddle.in_dynamic_mode():
         return _graph_op("llm_linear_int4", {"X": x, "Q": qweight, "S": scales})
-    return lk.linear_int4(x, qweight, scales)
+    return _run("llm_linear_int4", x, qweight, scales)
+
+
+_ONES: dict[int, paddle.Tensor] = {}
+
+
+@paddle.jit.not_to_static
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor | None, eps: float) -> paddle.Tensor | None:
+    """``rsqrt(mean(x^2) + eps) * x * weight`` (weightless: ``weight`` None) as one custom operator when they are
+    :func:`active` (any number of rows) and ``x`` / ``weight`` are float32; None otherwise."""
+    if not active() or x.dtype != paddle.float32 or (weight is not None and weight.dtype != paddle.float32):
+        return None
+    if weight is None:
+        d = int(x.shape[-1])
+        if paddle.in_dynamic_mode():
+            weight = _ONES.get(d)
+            if weight is None:
+                weight = _ONES[d] = paddle.ones([d], dtype="float32")
+        else:
+            weight = paddle.ones([d], dtype="float32")
+    if not paddle.in_dynamic_mode():
+        return _graph_op("llm_rms_norm", {"X": x, "W": weight}, {"eps": float(eps)})
+    return _run("llm_rms_norm", x, weight, eps)
+
+
+@paddle.jit.not_to_static
+def swiglu(x: paddle.Tensor) -> paddle.Tensor | None:
+    """``silu(gate) * up`` of ``x [..., 2I] = [gate | up]`` as one custom operator when they are :func:`active`
+    and ``x`` is float32; None otherwise."""
+    if not active() or x.dtype != paddle.float32:
+        return None
+    if not paddle.in_dynamic_mode():
+        return _graph_op("llm_swiglu", {"X": x})
+    return _run("llm_swiglu", x)
 
 
 def _float_weight_of(kernel: Any, name: str) -> paddle.Tensor | None:

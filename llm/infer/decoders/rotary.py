@@ -18,6 +18,7 @@ import paddle
 import paddle.nn.functional as F
 
 from llm.errors import ModelError
+from llm.infer.decoders import fastmm
 from llm.infer.decoders.base import (
     LayerWeights,
     StepKernel,
@@ -301,8 +302,12 @@ class RotaryKernel(StepKernel):
         """``down(silu(gate) * up)`` with the gate/up projection in :func:`column_blocks` layout (a low-bit one
         as one ``[..., 2 * inter]`` product, and so is a plain float one, :attr:`fast_mm`)."""
         if self.fast_mm or is_quant_ref(gate_up[0]):
-            g, u = paddle.chunk(self._linear(x, gate_up), 2, axis=-1)
-            return self._linear(F.silu(g) * u, down)
+            gu = self._linear(x, gate_up)
+            act = fastmm.swiglu(gu) if self.fast_mm else None
+            if act is None:
+                g, u = paddle.chunk(gu, 2, axis=-1)
+                act = F.silu(g) * u
+            return self._linear(act, down)
         gu = self._blocked_linear(x, gate_up)  # [2n, rows, width]: n gate blocks, then n up blocks
         n = gu.shape[0] // 2
         return self._linear(unblock(F.silu(gu[:n]) * gu[n:], x), down)
