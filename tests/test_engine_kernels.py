@@ -125,8 +125,9 @@ def test_low_bit_tokens_unchanged_by_the_kernels(
     tokens, calls = generate_counting(model, monkeypatch)
     op = "llm_linear_int8" if kind == "int8" else "llm_linear_int4"
     assert calls[op] > 0
-    if family in ("llama", "qwen"):  # RMSNorm + SwiGLU families: the fused element-wise operators too
-        assert calls["llm_rms_norm"] > 0 and calls["llm_swiglu"] > 0
+    if family in ("llama", "qwen"):  # rotary RMSNorm + SwiGLU families: every fused operator runs too
+        fused = ("llm_rms_norm", "llm_swiglu", "llm_rope_qkv", "llm_attend_decode")
+        assert all(calls[op] > 0 for op in fused), calls
     assert tokens == generate_paddle_ops(model)
 
 

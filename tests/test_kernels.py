@@ -163,6 +163,50 @@ def test_fused_elementwise_ops_match_float64(shape: tuple[int, int]) -> None:
         )
 
 
+@pytest.mark.parametrize("b,s,heads,kv,d", [(1, 1, 9, 3, 64), (2, 3, 4, 4, 6), (3, 1, 6, 2, 5)])
+def test_rope_qkv_matches_float64(b: int, s: int, heads: int, kv: int, d: int) -> None:
+    """``llm_rope_qkv``: split ``[q | k | v]``, rotate q and k (``x cos + roll(x, d/2) sin``), scale q, K/V heads
+    first -- the paddle ops it replaces in the rotary step kernel."""
+    rng = _rng(b, s, heads, kv, d)
+    qkv = rng.standard_normal((b, s, (heads + 2 * kv) * d)).astype(np.float32)
+    cos = rng.standard_normal((b, s, heads + kv, d)).astype(np.float32)
+    sin = rng.standard_normal((b, s, heads + kv, d)).astype(np.float32)
+    q, k, v = kernels._load().llm_rope_qkv(*map(paddle.to_tensor, (qkv, cos, sin)), heads, 0.125)
+    x = qkv.astype(np.float64)
+    qk = x[:, :, : (heads + kv) * d].reshape(b, s, heads + kv, d)
+    rot = qk * cos + np.roll(qk, d // 2, axis=-1) * sin
+    np.testing.assert_allclose(q.numpy(), rot[:, :, :heads] * 0.125, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k.numpy(), rot[:, :, heads:].transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-6)
+    v_ref = x[:, :, (heads + kv) * d :].reshape(b, s, kv, d).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(v.numpy(), v_ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("b,heads,kv,d,span", [(1, 9, 3, 64, 40), (2, 4, 4, 17, 5), (16, 6, 2, 64, 300)])
+def test_attend_decode_matches_float64(isa: str, b: int, heads: int, kv: int, d: int, span: int) -> None:
+    """``llm_attend_decode``: writes the step's K/V into the caches at ``col`` and attends over ``span`` columns
+    (GQA groups, additive mask) like softmax attention in float64; cache columns past ``span`` are not read."""
+    rng = _rng(b, heads, kv, d, span)
+    t, col, g = span + 7, span - 1, heads // kv
+    q = rng.standard_normal((b, 1, heads, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, kv, 1, d)).astype(np.float32) for _ in range(2))
+    caches = [rng.standard_normal((b, kv, t, d)).astype(np.float32) for _ in range(2)]
+    bias = np.where(rng.random((b, kv, g, span)) < 0.2, -1e9, 0.0).astype(np.float32)
+    bias[..., col] = 0.0
+    pk, pv = paddle.to_tensor(caches[0]), paddle.to_tensor(caches[1])
+    out = kernels._load().llm_attend_decode(
+        *map(paddle.to_tensor, (q, k, v)), pk, pv, paddle.to_tensor(bias), col, span
+    )
+    for cache, new, got in ((caches[0], k, pk), (caches[1], v, pv)):
+        cache[:, :, col : col + 1] = new
+        np.testing.assert_array_equal(got.numpy(), cache)  # written in place, nothing else touched
+    keys, values = caches[0][:, :, :span].astype(np.float64), caches[1][:, :, :span].astype(np.float64)
+    qg = q.astype(np.float64).reshape(b, kv, g, d)
+    scores = np.einsum("bkgd,bktd->bkgt", qg, keys) + bias
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bkgt,bktd->bkgd", p / p.sum(-1, keepdims=True), values).reshape(b, 1, heads * d)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_leading_dims_and_thread_count_do_not_change_results() -> None:
     """``x [b, s, K]`` gives ``[b, s, N]``; one thread and two threads give bitwise equal outputs (N is split
     between threads, each output's sum runs in the same order)."""

@@ -39,6 +39,8 @@ OPS = (
     "llm_linear_int4",
     "llm_rms_norm",
     "llm_swiglu",
+    "llm_rope_qkv",
+    "llm_attend_decode",
     "llm_kernels_config",
 )
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -200,6 +202,14 @@ class Ops:
 
     def llm_swiglu(self, x: Any) -> Any:
         return self._run("llm_swiglu", x)[0]
+
+    def llm_rope_qkv(self, qkv: Any, cos: Any, sin: Any, heads: int, q_scale: float) -> list[Any]:
+        return self._run("llm_rope_qkv", qkv, cos, sin, int(heads), float(q_scale))
+
+    def llm_attend_decode(
+        self, q: Any, k: Any, v: Any, pk: Any, pv: Any, bias: Any, col: int, span: int
+    ) -> Any:
+        return self._run("llm_attend_decode", q, k, v, pk, pv, bias, int(col), int(span))[0]
 
     def config(self, isa: int = -1, threads: int = -1, spin_us: int = -1) -> dict[str, Any]:
         """Set / read the dispatch state (see ops.cc: ``llm_kernels_config``)."""

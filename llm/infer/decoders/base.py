@@ -245,6 +245,10 @@ class StepState:
             self.outputs += [k, v]
             return attend_split(q, k, v, past_k, past_v, self.new_bias, self.past_bias, self.head_bias)
         width, col, span = k.shape[2], self.col, self.span
+        if width == 1 and not self.blocks and self.head_bias is None:  # decode: one custom operator
+            fast = fastmm.attend_decode(q, k, v, past_k, past_v, self.new_bias, col, span)
+            if fast is not None:
+                return fast
         past_k[:, :, col : col + width, :] = k
         past_v[:, :, col : col + width, :] = v
         if col == 0 and span == width:  # prefill without prefix: the new entries are all there is

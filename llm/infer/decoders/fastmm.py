@@ -167,6 +167,45 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor | None, eps: float) -> padd
 
 
 @paddle.jit.not_to_static
+def rope_qkv(
+    qkv: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor, heads: int, q_scale: float
+) -> list[paddle.Tensor] | None:
+    """Dygraph: ``qkv [b, s, (h + 2 kv) d]`` -> rotated and scaled ``q [b, s, h, d]``, rotated ``k`` and ``v``
+    ``[b, kv, s, d]`` in one custom operator (replaces ~10 paddle ops per layer); None when it does not apply."""
+    if not paddle.in_dynamic_mode() or not enabled() or qkv.dtype != paddle.float32 or len(qkv.shape) != 3:
+        return None
+    return _run("llm_rope_qkv", qkv, cos, sin, heads, q_scale)
+
+
+@paddle.jit.not_to_static
+def attend_decode(
+    q: paddle.Tensor,
+    k: paddle.Tensor,
+    v: paddle.Tensor,
+    past_k: paddle.Tensor,
+    past_v: paddle.Tensor,
+    bias: paddle.Tensor,
+    col: int,
+    span: int,
+) -> paddle.Tensor | None:
+    """Dygraph decode step (one query row): writes ``k, v [b, kv, 1, d]`` into the cache buffers at ``col`` and
+    attends ``q [b, 1, h, d]`` over their first ``span`` columns with ``bias [b, kv, h / kv, span]`` -> ``[b, 1, h d]``
+    in one custom operator; None when it does not apply (the caller then runs the paddle ops)."""
+    if not paddle.in_dynamic_mode() or not enabled() or len(q.shape) != 4 or q.shape[1] != 1:
+        return None
+    b, _, h, d = q.shape
+    kv = k.shape[1]
+    if (
+        q.dtype != paddle.float32
+        or past_k.dtype != paddle.float32
+        or k.shape != [b, kv, 1, d]
+        or bias.shape != [b, kv, h // kv, span]
+    ):
+        return None
+    return _run("llm_attend_decode", q, k, v, past_k, past_v, bias, col, span)
+
+
+@paddle.jit.not_to_static
 def swiglu(x: paddle.Tensor) -> paddle.Tensor | None:
     """``silu(gate) * up`` of ``x [..., 2I] = [gate | up]`` as one custom operator when they are :func:`active`
     and ``x`` is float32; None otherwise."""

@@ -343,11 +343,18 @@ class RotaryKernel(StepKernel):
         for i, lw in enumerate(self.layers_w):
             x = norm(hidden, *self._wb(lw.ln1), self.eps)
             qkv = self._linear(x, lw.qkv)
-            qk, v = paddle.split(qkv, [q_cols + kv_cols, kv_cols], axis=-1)
-            qk = rope(paddle.reshape(qk, [0, 0, self.heads + self.kv_heads, self.head_dim]), cos, sin)
-            q, k = paddle.split(qk, [self.heads, self.kv_heads], axis=2)
-            q = self._scale_q(q)
-            k, v = heads_first(k, self.kv_heads, self.head_dim), heads_first(v, self.kv_heads, self.head_dim)
+            fused = fastmm.rope_qkv(qkv, cos, sin, self.heads, self.q_scale) if self.fast_mm else None
+            if fused is not None:
+                q, k, v = fused
+            else:
+                qk, v = paddle.split(qkv, [q_cols + kv_cols, kv_cols], axis=-1)
+                qk = rope(paddle.reshape(qk, [0, 0, self.heads + self.kv_heads, self.head_dim]), cos, sin)
+                q, k = paddle.split(qk, [self.heads, self.kv_heads], axis=2)
+                q = self._scale_q(q)
+                k, v = (
+                    heads_first(k, self.kv_heads, self.head_dim),
+                    heads_first(v, self.kv_heads, self.head_dim),
+                )
             ctx = st.attend(i, q, k, v)
             hidden = hidden + self._linear(ctx, lw.out)
             hidden = hidden + self._mlp(norm(hidden, *self._wb(lw.ln2), self.eps), lw)

@@ -94,6 +94,7 @@ const KernelSet* avx2_kernels() {
       nk_range<Avx2, uint16_t>,
       int8_range<Avx2>,
       int4_range<Avx2>,
+      attn_range<Avx2>,
   };
   return &set;
 }

@@ -85,6 +85,7 @@ const KernelSet* avx512_kernels() {
       nk_range<Avx512, uint16_t>,
       int8_range<Avx512>,
       int4_range<Avx512>,
+      attn_range<Avx512>,
   };
   return &set;
 }

@@ -3,7 +3,11 @@
 //
 //   llm_rms_norm(X [..., D], W [D], eps) -> [..., D]   rsqrt(mean(x^2) + eps) * x * w   (paddlenlp's op order)
 //   llm_swiglu(X [..., 2I])              -> [..., I]   silu(x[:I]) * x[I:]
+//   llm_rope_qkv(QKV [B, S, (H + 2 KV) D], COS, SIN [B, S, H + KV, D], heads, q_scale)
+//       -> Q [B, S, H, D] (rotated, times q_scale), K [B, KV, S, D] (rotated), V [B, KV, S, D]
+//       rotation x * cos + roll(x, D / 2) * sin per head, the sign of rotate_half folded into SIN (decoders.base)
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -65,6 +69,53 @@ std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x) {
   return {out};
 }
 
+std::vector<paddle::Tensor> RopeQKV(const paddle::Tensor& qkv, const paddle::Tensor& cos, const paddle::Tensor& sin,
+                                    const int& heads, const float& q_scale) {
+  const char* op = "llm_rope_qkv";
+  check_f32(qkv, op, "qkv");
+  check_f32(cos, op, "cos");
+  check_f32(sin, op, "sin");
+  const auto xs = qkv.shape(), cs = cos.shape();
+  PD_CHECK(xs.size() == 3 && cs.size() == 4 && sin.shape() == cs, op, ": qkv [B, S, C], cos / sin [B, S, R, D]");
+  const int64_t B = xs[0], S = xs[1], R = cs[2], D = cs[3], H = heads, KV = R - heads;
+  PD_CHECK(cs[0] == B && cs[1] == S && KV > 0 && xs[2] == (H + 2 * KV) * D, op,
+           ": qkv must hold (heads + 2 kv_heads) * D columns with cos / sin [B, S, heads + kv_heads, D]");
+  auto q = paddle::empty({B, S, H, D}, DataType::FLOAT32, paddle::CPUPlace());
+  auto k = paddle::empty({B, KV, S, D}, DataType::FLOAT32, paddle::CPUPlace());
+  auto v = paddle::empty({B, KV, S, D}, DataType::FLOAT32, paddle::CPUPlace());
+  const float *xp = qkv.data<float>(), *cp = cos.data<float>(), *sp = sin.data<float>();
+  float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t s = 0; s < S; ++s) {
+      const float* row = xp + (b * S + s) * xs[2];
+      for (int64_t r = 0; r < R; ++r) {  // heads to rotate: H query heads, then KV key heads
+        const float* x = row + r * D;
+        const float* c = cp + ((b * S + s) * R + r) * D;
+        const float* n = sp + ((b * S + s) * R + r) * D;
+        float* y = r < H ? qp + ((b * S + s) * H + r) * D : kp + ((b * KV + (r - H)) * S + s) * D;
+        const float scale = r < H ? q_scale : 1.0f;
+        for (int64_t i = 0; i < D; ++i) {
+          const float rot = x[i] * c[i] + x[(i + D - half) % D] * n[i];
+          y[i] = scale == 1.0f ? rot : rot * scale;
+        }
+      }
+      for (int64_t j = 0; j < KV; ++j)
+        std::memcpy(vp + ((b * KV + j) * S + s) * D, row + (R + j) * D, size_t(D) * sizeof(float));
+    }
+  }
+  return {q, k, v};
+}
+
+std::vector<std::vector<int64_t>> ShapeRope(const std::vector<int64_t>& x, const std::vector<int64_t>& c,
+                                            const std::vector<int64_t>&, const int& heads, const float&) {
+  const int64_t kv = c.size() == 4 ? c[2] - heads : -1, d = c.size() == 4 ? c[3] : -1;
+  return {{x[0], x[1], heads, d}, {x[0], kv, x[1], d}, {x[0], kv, x[1], d}};
+}
+std::vector<DataType> F32x3(const DataType&, const DataType&, const DataType&) {
+  return {DataType::FLOAT32, DataType::FLOAT32, DataType::FLOAT32};
+}
+
 std::vector<std::vector<int64_t>> SameShape(const std::vector<int64_t>& x, const std::vector<int64_t>&) {
   return {x};
 }
@@ -92,3 +143,11 @@ PD_BUILD_OP(llm_swiglu)
     .SetKernelFn(PD_KERNEL(Swiglu))
     .SetInferShapeFn(PD_INFER_SHAPE(HalfLast))
     .SetInferDtypeFn(PD_INFER_DTYPE(F32Of1));
+
+PD_BUILD_OP(llm_rope_qkv)
+    .Inputs({"QKV", "Cos", "Sin"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"heads: int", "q_scale: float"})
+    .SetKernelFn(PD_KERNEL(RopeQKV))
+    .SetInferShapeFn(PD_INFER_SHAPE(ShapeRope))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32x3));

@@ -242,3 +242,74 @@ void int4_range(const MatArgs& a, int64_t n0, int64_t n1) {
   else
     nk_range_sc<T, uint8_t, 2, 2>(a, n0, n1);
 }
+
+// ------------------------------------------------------------------------------------------------ attention
+// Per (sequence, KV head): for each of its G query heads, scores = q . k_t + bias_t over t < S, softmax (max
+// subtracted, as paddle's), out = sum_t p_t v_t. The probabilities live on the stack (S floats); libm's expf via
+// the builtin (no inline standard-library code in instruction-set translation units, see avx512.cc).
+template <class T>
+inline float dot_d(const float* a, const float* b, int64_t d) {
+  using V = typename T::V;
+  constexpr int W = T::W;
+  V acc0 = T::zero(), acc1 = T::zero();
+  int64_t i = 0;
+  for (; i + 2 * W <= d; i += 2 * W) {
+    acc0 = T::fma(T::load(a + i), T::load(b + i), acc0);
+    acc1 = T::fma(T::load(a + i + W), T::load(b + i + W), acc1);
+  }
+  for (; i + W <= d; i += W) acc0 = T::fma(T::load(a + i), T::load(b + i), acc0);
+  if (i < d) acc1 = T::fma(T::load_n(a + i, int(d - i)), T::load_n(b + i, int(d - i)), acc1);
+  return T::hsum(T::fma(acc0, T::set1(1.0f), acc1));
+}
+
+template <class T>
+void attn_range(const AttnArgs& a, int64_t u0, int64_t u1) {
+  using V = typename T::V;
+  constexpr int W = T::W;
+  constexpr int kAcc = 4;  // output vectors per pass over the values
+  const int64_t G = a.H / a.KV, D = a.D, S = a.S;
+  float* p = static_cast<float*>(__builtin_alloca(size_t(S) * sizeof(float)));
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / a.KV, kv = u % a.KV;
+    const float* keys = a.k + (b * a.KV + kv) * a.T * D;
+    const float* values = a.v + (b * a.KV + kv) * a.T * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = kv * G + g;
+      const float* q = a.q + (b * a.H + h) * D;
+      const float* bias = a.bias + ((b * a.KV + kv) * G + g) * S;
+      float mx = -3.0e38f;
+      for (int64_t t = 0; t < S; ++t) {
+        p[t] = dot_d<T>(q, keys + t * D, D) + bias[t];
+        mx = p[t] > mx ? p[t] : mx;
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < S; ++t) {
+        p[t] = __builtin_expf(p[t] - mx);
+        sum += p[t];
+      }
+      const float inv = 1.0f / sum;
+      float* out = a.out + (b * a.H + h) * D;
+      for (int64_t d0 = 0; d0 < D; d0 += kAcc * W) {
+        const int nv = int(min64(kAcc, (D - d0 + W - 1) / W));
+        const int last = int(D - d0 - (nv - 1) * W);  // valid lanes of the last vector
+        V acc[kAcc];
+        for (int j = 0; j < kAcc; ++j) acc[j] = T::zero();
+        for (int64_t t = 0; t < S; ++t) {
+          const V pt = T::set1(p[t]);
+          const float* vr = values + t * D + d0;
+          for (int j = 0; j < nv; ++j) {
+            const V x = (j == nv - 1 && last < W) ? T::load_n(vr + j * W, last) : T::load(vr + j * W);
+            acc[j] = T::fma(pt, x, acc[j]);
+          }
+        }
+        const V scale = T::set1(inv);
+        for (int j = 0; j < nv; ++j) {
+          if (j == nv - 1 && last < W)
+            T::store_n(out + d0 + j * W, T::mul(acc[j], scale), last);
+          else
+            T::store(out + d0 + j * W, T::mul(acc[j], scale));
+        }
+      }
+    }
+  }
+}

@@ -32,6 +32,20 @@ struct MatArgs {
 
 using RangeFn = void (*)(const MatArgs& a, int64_t n0, int64_t n1);
 
+// Decode attention (one query row per sequence) over the first S columns of the KV caches, GQA without repeating
+// K/V: query head h belongs to KV head h / G (G = H / KV).
+struct AttnArgs {
+  const float* q = nullptr;     // [B, H, D], pre-scaled
+  const float* k = nullptr;     // [B, KV, T, D] key cache
+  const float* v = nullptr;     // [B, KV, T, D] value cache
+  const float* bias = nullptr;  // [B, KV, G, S] additive (0 / -1e9)
+  float* out = nullptr;         // [B, H, D]
+  int64_t B = 0, H = 0, KV = 0, T = 0, S = 0, D = 0;
+};
+
+// Units [u0, u1) of B * KV (sequence, KV head) pairs.
+using AttnFn = void (*)(const AttnArgs& a, int64_t u0, int64_t u1);
+
 // One instruction set's kernels. `width` is the float vector width (16 / 8 / 1); kn ranges should start at
 // a multiple of it. Grouped low-bit scales need group sizes that are multiples of int8_group / int4_group
 // (ops.cc uses the scalar kernels otherwise).
@@ -41,6 +55,7 @@ struct KernelSet {
   int int8_group;
   int int4_group;
   RangeFn kn_f32, kn_bf16, nk_f32, nk_bf16, int8, int4;
+  AttnFn attn;
 };
 
 const KernelSet* avx512_kernels();

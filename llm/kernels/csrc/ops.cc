@@ -271,6 +271,58 @@ std::vector<paddle::Tensor> LinearInt4(const paddle::Tensor& x, const paddle::Te
   return {out};
 }
 
+// In-place decode attention: writes K, V [B, KV, 1, D] into the caches PK, PV [B, KV, T, D] at column `col`
+// (the caches are the engine's preallocated buffers, written through their data like a slice assignment), then
+// attends Q [B, 1, H, D] over their first `span` columns with BIAS [B, KV, G, span] -> [B, 1, H * D].
+std::vector<paddle::Tensor> AttendDecode(const paddle::Tensor& q, const paddle::Tensor& k, const paddle::Tensor& v,
+                                         const paddle::Tensor& pk, const paddle::Tensor& pv,
+                                         const paddle::Tensor& bias, const int& col, const int& span) {
+  const char* op = "llm_attend_decode";
+  for (const auto* t : {&q, &k, &v, &pk, &pv, &bias}) {
+    check_tensor(*t, op, "inputs");
+    PD_CHECK(t->dtype() == DataType::FLOAT32, op, ": every input must be float32, got ", dtype_name(t->dtype()));
+    PD_CHECK(t->shape().size() == 4, op, ": every input must be 4-D");
+  }
+  const auto qs = q.shape(), cs = pk.shape(), ks = k.shape(), bs = bias.shape();
+  const int64_t B = qs[0], H = qs[2], D = qs[3], KV = cs[1], T = cs[2];
+  PD_CHECK(qs[1] == 1, op, ": one query row per sequence (decode), got ", qs[1]);
+  PD_CHECK(cs[0] == B && cs[3] == D && pv.shape() == cs, op, ": caches must be [B, KV, T, D] like q");
+  PD_CHECK(ks == std::vector<int64_t>({B, KV, 1, D}) && v.shape() == ks, op, ": k / v must be [B, KV, 1, D]");
+  PD_CHECK(KV > 0 && H % KV == 0, op, ": query heads H=", H, " must be a multiple of KV=", KV);
+  PD_CHECK(col >= 0 && col < span && span <= T, op, ": need 0 <= col < span <= T, got col=", col, " span=", span,
+           " T=", T);
+  PD_CHECK(bs == std::vector<int64_t>({B, KV, H / KV, span}), op, ": bias must be [B, KV, G, span]");
+  float* kc = const_cast<float*>(pk.data<float>());
+  float* vc = const_cast<float*>(pv.data<float>());
+  for (int64_t u = 0; u < B * KV; ++u) {
+    std::memcpy(kc + (u * T + col) * D, k.data<float>() + u * D, size_t(D) * sizeof(float));
+    std::memcpy(vc + (u * T + col) * D, v.data<float>() + u * D, size_t(D) * sizeof(float));
+  }
+  auto out = paddle::empty({B, 1, H * D}, DataType::FLOAT32, paddle::CPUPlace());
+  lk::AttnArgs a;
+  a.q = q.data<float>();
+  a.k = kc;
+  a.v = vc;
+  a.bias = bias.data<float>();
+  a.out = out.data<float>();
+  a.B = B, a.H = H, a.KV = KV, a.T = T, a.S = span, a.D = D;
+  struct AttnJob {
+    lk::AttnFn fn;
+    const lk::AttnArgs* args;
+    int64_t units, nchunks;
+  } job{kernel_set(current_isa())->attn, &a, B * KV, 1};
+  const int64_t threads = lk::pool_threads();
+  if (threads > 1 && B * H * span * D >= (64 << 10)) job.nchunks = std::min<int64_t>(job.units, threads);
+  lk::parallel_run(
+      job.nchunks,
+      [](void* ctx, int64_t c) {
+        const auto& j = *static_cast<const AttnJob*>(ctx);
+        j.fn(*j.args, j.units * c / j.nchunks, j.units * (c + 1) / j.nchunks);
+      },
+      &job);
+  return {out};
+}
+
 std::vector<paddle::Tensor> KernelsConfig(const paddle::Tensor& x, const int& isa, const int& threads,
                                           const int& spin_us) {
   if (isa == kAuto) {
@@ -305,6 +357,15 @@ std::vector<std::vector<int64_t>> ShapeNK(const std::vector<int64_t>& x, const s
 std::vector<std::vector<int64_t>> ShapeQ(const std::vector<int64_t>& x, const std::vector<int64_t>& q,
                                          const std::vector<int64_t>&) {
   return {out_shape(x, q.empty() ? -1 : q[0])};
+}
+std::vector<std::vector<int64_t>> ShapeAttend(const std::vector<int64_t>& q, const std::vector<int64_t>&,
+                                              const std::vector<int64_t>&, const std::vector<int64_t>&,
+                                              const std::vector<int64_t>&, const std::vector<int64_t>&) {
+  return {{q[0], 1, q.size() == 4 ? q[2] * q[3] : -1}};
+}
+std::vector<DataType> F32Of6(const DataType&, const DataType&, const DataType&, const DataType&, const DataType&,
+                             const DataType&) {
+  return {DataType::FLOAT32};
 }
 std::vector<std::vector<int64_t>> ShapeConfig(const std::vector<int64_t>&) { return {{6}}; }
 std::vector<DataType> F32Of2(const DataType&, const DataType&) { return {DataType::FLOAT32}; }
@@ -348,3 +409,11 @@ PD_BUILD_OP(llm_kernels_config)
     .SetKernelFn(PD_KERNEL(KernelsConfig))
     .SetInferShapeFn(PD_INFER_SHAPE(ShapeConfig))
     .SetInferDtypeFn(PD_INFER_DTYPE(I32Of1));
+
+PD_BUILD_OP(llm_attend_decode)
+    .Inputs({"Q", "K", "V", "PK", "PV", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"col: int", "span: int"})
+    .SetKernelFn(PD_KERNEL(AttendDecode))
+    .SetInferShapeFn(PD_INFER_SHAPE(ShapeAttend))
+    .SetInferDtypeFn(PD_INFER_DTYPE(F32Of6));

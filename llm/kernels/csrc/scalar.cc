@@ -64,6 +64,7 @@ const KernelSet* scalar_kernels() {
       nk_range<Scalar, uint16_t>,
       int8_range<Scalar>,
       int4_range<Scalar>,
+      attn_range<Scalar>,
   };
   return &set;
 }
