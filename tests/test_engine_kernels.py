@@ -22,7 +22,8 @@ from helpers_infer import EOS, VOCAB, tiny
 
 from llm import kernels
 from llm.infer import GenerationConfig, create_engine, export_engine, load_static_engine
-from llm.infer.decoders import build_kernel
+from llm.infer.decoders import build_kernel, fastmm
+from llm.infer.decoders.base import NEG
 from llm.model import FAMILIES, build_model, load_model, tiny_config
 from llm.quant.model import quantize_model
 
@@ -33,6 +34,7 @@ WEIGHT_TYPES = {
     "int4": ("weight_only_int4", -1),
     "int4-g16": ("weight_only_int4", 16),
 }
+STEP_FAMILIES = ("llama", "qwen", "chatglm_v2")  # decode steps through llm_decode_step (decoders.fastmm)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,7 +92,11 @@ def test_float32_tokens_unchanged_by_the_kernels(family: str, monkeypatch: pytes
     with kernels.fallback():
         assert not build_kernel(model).fast_mm  # paddle layouts (blocked gate/up and head) as before
     tokens, calls = generate_counting(model, monkeypatch)
-    assert calls["llm_linear_kn"] > 0 and calls["llm_linear_kn"] + calls["llm_linear_nk"] >= 8 * 2
+    assert calls["llm_linear_kn"] > 0  # prefill products
+    if family in STEP_FAMILIES:  # every decode step is one operator
+        assert calls["llm_decode_step"] >= CFG.max_new_tokens - 1, calls
+    else:
+        assert calls["llm_decode_step"] == 0 and calls["llm_linear_kn"] + calls["llm_linear_nk"] >= 8 * 2
     assert tokens == generate_paddle_ops(model)
 
 
@@ -123,12 +129,63 @@ def test_low_bit_tokens_unchanged_by_the_kernels(
 ) -> None:
     model = low_bit(family, kind)
     tokens, calls = generate_counting(model, monkeypatch)
-    op = "llm_linear_int8" if kind == "int8" else "llm_linear_int4"
-    assert calls[op] > 0
-    if family in ("llama", "qwen"):  # rotary RMSNorm + SwiGLU families: every fused operator runs too
-        fused = ("llm_rms_norm", "llm_swiglu", "llm_rope_qkv", "llm_attend_decode")
-        assert all(calls[op] > 0 for op in fused), calls
+    if family in STEP_FAMILIES:  # rotary RMSNorm + SwiGLU families: the decode steps run as one operator each
+        assert calls["llm_decode_step"] >= CFG.max_new_tokens - 1, calls
+    else:
+        assert calls["llm_linear_int8" if kind == "int8" else "llm_linear_int4"] > 0
     assert tokens == generate_paddle_ops(model)
+
+
+def _two_steps(kernel: Any, batch: int = 3) -> list[np.ndarray]:
+    """Logits and caches of a 4-token prefill and one decode step through ``kernel`` (in-place cache mode)."""
+    rng = np.random.RandomState(0)
+    shape = [batch, kernel.kv_heads, 8, kernel.head_dim]
+    caches = [paddle.zeros(shape) for _ in range(2 * kernel.num_layers)]
+    ids = paddle.to_tensor(rng.randint(5, EOS, size=(batch, 4)))
+    pos = paddle.to_tensor(np.tile(np.arange(4), (batch, 1)))
+    causal = np.where(np.tril(np.ones((4, 4))) > 0, 0.0, NEG).astype("float32")
+    bias = paddle.to_tensor(np.broadcast_to(causal, (batch, 1, 4, 4)).copy())
+    none = paddle.zeros([batch, 1, 1, 1])
+    keypos = paddle.zeros([batch, 1], dtype="int64")
+    with paddle.no_grad():
+        first = kernel(ids, pos, bias, none, keypos, caches, 0, 4)[0]
+        ids, pos = paddle.to_tensor(rng.randint(5, EOS, size=(batch, 1))), paddle.full([batch, 1], 4, "int64")
+        second = kernel(ids, pos, paddle.zeros([batch, 1, 1, 5]), none, keypos, caches, 4, 5)[0]
+    return [t.numpy() for t in (first, second, *caches)]
+
+
+@pytest.mark.parametrize(
+    "family, kind",
+    [
+        ("llama", "fp32"),
+        ("llama", "bf16"),
+        ("llama", "int8"),
+        ("llama", "int4-g16"),
+        ("qwen", "int4"),
+        ("qwen", "fp32"),
+        ("chatglm_v2", "fp32"),
+    ],
+)
+def test_decode_step_operator_is_bitwise_the_per_op_path(
+    family: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``llm_decode_step`` (all layers in one operator) gives bitwise the logits and cache entries of the same
+    kernels called per operator."""
+    if kind == "bf16":
+        tiny(family).save_pretrained(str(tmp_path), safe_serialization=True)
+        model = load_model(str(tmp_path), dtype="bfloat16")
+    else:
+        model = tiny(family, seed=4) if kind == "fp32" else low_bit(family, kind)
+    kernel = build_kernel(model)
+    counting = CountingOps(kernels._load())
+    monkeypatch.setitem(kernels._state, "ops", counting)
+    fused = _two_steps(kernel)
+    assert counting.calls["llm_decode_step"] == 1
+    monkeypatch.setattr(fastmm, "decode_step", lambda *args: None)
+    per_op = _two_steps(kernel)
+    assert counting.calls["llm_decode_step"] == 1 and counting.calls["llm_attend_decode"] > 0
+    for a, b in zip(fused, per_op):
+        np.testing.assert_array_equal(a, b)
 
 
 def _export(model: paddle.nn.Layer, path: Path, **kwargs: Any) -> dict:

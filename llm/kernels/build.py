@@ -29,8 +29,8 @@ from typing import Any
 
 NAME = "llm_kernels_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cc", "fused.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
-HEADERS = ("kernels.h", "impl.h", "pool.h")
+SOURCES = ("ops.cc", "fused.cc", "step.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
+HEADERS = ("kernels.h", "dispatch.h", "impl.h", "pool.h")
 CXXFLAGS = ["-O3", "-g0", "-std=c++17", "-pthread", "-fno-math-errno", "-Wno-unused-parameter"]
 OPS = (
     "llm_linear_kn",
@@ -41,6 +41,7 @@ OPS = (
     "llm_swiglu",
     "llm_rope_qkv",
     "llm_attend_decode",
+    "llm_decode_step",
     "llm_kernels_config",
 )
 ISA_CODES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -210,6 +211,25 @@ class Ops:
         self, q: Any, k: Any, v: Any, pk: Any, pv: Any, bias: Any, col: int, span: int
     ) -> Any:
         return self._run("llm_attend_decode", q, k, v, pk, pv, bias, int(col), int(span))[0]
+
+    def llm_decode_step(
+        self,
+        x: Any,
+        cos: Any,
+        sin: Any,
+        bias: Any,
+        weights: list[Any],
+        caches: list[Any],
+        slots: list[int],
+        heads: int,
+        col: int,
+        span: int,
+        eps: float,
+        q_scale: float,
+    ) -> Any:
+        return self._run(
+            "llm_decode_step", x, cos, sin, bias, weights, caches, slots, heads, col, span, eps, q_scale
+        )[0]
 
     def config(self, isa: int = -1, threads: int = -1, spin_us: int = -1) -> dict[str, Any]:
         """Set / read the dispatch state (see ops.cc: ``llm_kernels_config``)."""

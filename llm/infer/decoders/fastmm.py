@@ -268,3 +268,83 @@ def head(kernel: Any, last: paddle.Tensor, name: str, transposed: bool) -> paddl
         return fn(last, w)
     b = int(last.shape[0])
     return paddle.concat([fn(last[s : s + MAX_ROWS], w) for s in range(0, b, MAX_ROWS)], axis=0)
+
+
+# ------------------------------------------------------------------------------------------ whole decode step
+StepSlots = tuple[Any, ...]  # per layer: ln1, qkv, qkv_b, out, out_b, ln2, gate_up, gate_up_b, down, down_b
+_VECTOR_SLOTS = (0, 2, 4, 5, 7, 9)  # norm weights and biases (registered names or None); the rest: weights
+
+
+def _slot_tensors(kernel: Any, index: int, entry: Any) -> list[paddle.Tensor] | None:
+    """The tensors of one ``llm_decode_step`` slot, or None when the operator cannot take it."""
+    from llm.infer.decoders.quant import QRef, is_quant_ref
+
+    if entry is None:
+        return [] if index in _VECTOR_SLOTS else None
+    if index in _VECTOR_SLOTS:
+        t = kernel._t(entry)  # widened when the kernel upcasts half-precision storage
+        return [t] if t.dtype == paddle.float32 and len(t.shape) == 1 else None
+    if is_quant_ref(entry):
+        ok = (
+            isinstance(entry, QRef)
+            and entry.act_scale is None
+            and entry.smooth is None
+            and entry.shift is None
+        )
+        return [getattr(kernel, entry.qweight), getattr(kernel, entry.scales)] if ok else None
+    w = _float_weight_of(kernel, entry)
+    return None if w is None else [w]
+
+
+def step_plan(kernel: Any, layers: list[StepSlots]) -> tuple[list[paddle.Tensor], list[int]] | None:
+    """The flat weight list and slot counts :func:`decode_step` passes for ``layers`` (registered names per slot,
+    see :data:`StepSlots`), or None when a layer has something the operator does not run (A8W8 inputs, unfused
+    low-bit parts, 3-D blocked weights). Built once per kernel (cached)."""
+    cache = kernel.__dict__.get("_step_plan")
+    if cache is None:
+        tensors: list[paddle.Tensor] = []
+        slots: list[int] = []
+        for layer in layers:
+            for index, entry in enumerate(layer):
+                found = _slot_tensors(kernel, index, entry)
+                if found is None:
+                    kernel.__dict__["_step_plan"] = cache = (None,)
+                    return None
+                tensors += found
+                slots.append(len(found))
+        cache = kernel.__dict__["_step_plan"] = (tensors, slots)
+    return None if cache[0] is None else cache
+
+
+@paddle.jit.not_to_static
+def decode_step(
+    kernel: Any,
+    layers: list[StepSlots],
+    hidden: paddle.Tensor,
+    cos: paddle.Tensor,
+    sin: paddle.Tensor,
+    bias: paddle.Tensor,
+    caches: list[paddle.Tensor],
+    col: int,
+    span: int,
+) -> paddle.Tensor | None:
+    """Every decoder layer of a rotary pre-norm kernel for one decode step (``hidden [b, 1, hidden]``, caches
+    written at ``col`` in place, attention over ``span`` columns with ``bias [b, kv, g, span]``) in one custom
+    operator, bitwise equal to the per-op path; None when it does not apply (the caller runs the layers)."""
+    if (
+        not paddle.in_dynamic_mode()
+        or not enabled()
+        or len(hidden.shape) != 3
+        or hidden.shape[1] != 1
+        or hidden.shape[0] > MAX_ROWS
+        or hidden.dtype != paddle.float32
+        or caches[0].dtype != paddle.float32
+    ):
+        return None
+    plan = step_plan(kernel, layers)
+    if plan is None:
+        return None
+    tensors, slots = plan
+    return lk._ops().llm_decode_step(
+        hidden, cos, sin, bias, tensors, caches, slots, kernel.heads, col, span, kernel.eps, kernel.q_scale
+    )

@@ -92,6 +92,7 @@ class RotaryKernel(StepKernel):
         self._set_dtypes(self._embed)
         self._fold()
         self._register()
+        self.__dict__["_step_slots"] = self._decode_step_slots()
 
     # ------------------------------------------------------------------------------------------
     # weight extraction
@@ -295,6 +296,24 @@ class RotaryKernel(StepKernel):
             lw.down = [self._pair(f"l{i}_e{e}_down", wb) for e, wb in enumerate(lw.down)]
             lw.router = self._reg(f"l{i}_router", lw.router)
 
+    def _decode_step_slots(self) -> list[fastmm.StepSlots] | None:
+        """Per layer the registered names :func:`fastmm.decode_step` reads (None: a layer it does not run --
+        routed experts, LayerNorm)."""
+        if not self.fast_mm:
+            return None
+        slots = []
+        for lw in self.layers_w:
+            if (
+                lw.router is not None
+                or lw.ln1[1] is not None
+                or lw.ln2[1] is not None
+                or len(lw.gate_up) != 1
+            ):
+                return None
+            (gu_w, gu_b), (dn_w, dn_b) = lw.gate_up[0], lw.down[0]
+            slots.append((lw.ln1[0], *lw.qkv, *lw.out, lw.ln2[0], gu_w, gu_b, dn_w, dn_b))
+        return slots
+
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
@@ -340,7 +359,16 @@ class RotaryKernel(StepKernel):
         heads = self.heads + self.kv_heads
         cos, sin = rope_factors(positions, self._t("cos_table"), self._t("sin_table"), heads)
         q_cols, kv_cols = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, lw in enumerate(self.layers_w):
+        layers = self.layers_w
+        if (
+            self._step_slots is not None and st.inplace and st.new_bias is not None
+        ):  # decode: one custom operator
+            fused_step = fastmm.decode_step(
+                self, self._step_slots, hidden, cos, sin, st.new_bias, caches, inplace_col, span
+            )
+            if fused_step is not None:
+                hidden, layers = fused_step, []
+        for i, lw in enumerate(layers):
             x = norm(hidden, *self._wb(lw.ln1), self.eps)
             qkv = self._linear(x, lw.qkv)
             fused = fastmm.rope_qkv(qkv, cos, sin, self.heads, self.q_scale) if self.fast_mm else None

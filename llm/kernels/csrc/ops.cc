@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "dispatch.h"
 #include "kernels.h"
 #include "paddle/common/ddim.h"
 #include "paddle/extension.h"
@@ -118,32 +119,6 @@ std::vector<int64_t> out_shape(const std::vector<int64_t>& x, int64_t n) {
   return s;
 }
 
-// ------------------------------------------------------------------------------------------------ dispatch
-struct Job {
-  lk::RangeFn fn;
-  const lk::MatArgs* args;
-  int64_t units, unit, nchunks;
-};
-
-void run_chunk(void* ctx, int64_t c) {
-  const Job& j = *static_cast<const Job*>(ctx);
-  const int64_t u0 = j.units * c / j.nchunks, u1 = j.units * (c + 1) / j.nchunks;
-  const int64_t n1 = std::min(j.args->N, u1 * j.unit);
-  if (u0 * j.unit < n1) j.fn(*j.args, u0 * j.unit, n1);
-}
-
-// Split the N outputs into chunks of whole `unit`s (vectors of columns / groups of rows) for the pool: one
-// chunk per thread for small weights, four per thread for large ones (balance on a shared machine), none
-// (serial) under 32 KB of weights where waking a worker costs more than it saves.
-void run(lk::RangeFn fn, const lk::MatArgs& a, int64_t unit, int64_t weight_bytes) {
-  if (a.M == 0 || a.N == 0) return;
-  Job job{fn, &a, (a.N + unit - 1) / unit, unit, 1};
-  const int64_t threads = lk::pool_threads();
-  if (weight_bytes * std::max<int64_t>(a.M, 1) >= (32 << 10) && threads > 1)
-    job.nchunks = std::min<int64_t>(job.units, threads * (weight_bytes >= (4 << 20) ? 4 : 1));
-  lk::parallel_run(job.nchunks, run_chunk, &job);
-}
-
 paddle::Tensor empty_out(const paddle::Tensor& x, int64_t n) {
   return paddle::empty(out_shape(x.shape(), n), DataType::FLOAT32, paddle::CPUPlace());
 }
@@ -169,7 +144,7 @@ std::vector<paddle::Tensor> LinearKN(const paddle::Tensor& x, const paddle::Tens
     return {out};
   }
   const lk::KernelSet* ks = kernel_set(current_isa());
-  run(bf16 ? ks->kn_bf16 : ks->kn_f32, a, ks->width, k * n * (bf16 ? 2 : 4));
+  lk::run_matmul(bf16 ? ks->kn_bf16 : ks->kn_f32, a, ks->width, k * n * (bf16 ? 2 : 4));
   return {out};
 }
 
@@ -193,7 +168,7 @@ std::vector<paddle::Tensor> LinearNK(const paddle::Tensor& x, const paddle::Tens
     return {out};
   }
   const lk::KernelSet* ks = kernel_set(current_isa());
-  run(bf16 ? ks->nk_bf16 : ks->nk_f32, a, 8, k * n * (bf16 ? 2 : 4));
+  lk::run_matmul(bf16 ? ks->nk_bf16 : ks->nk_f32, a, 8, k * n * (bf16 ? 2 : 4));
   return {out};
 }
 
@@ -219,7 +194,7 @@ std::vector<paddle::Tensor> LinearInt8(const paddle::Tensor& x, const paddle::Te
   }
   const lk::KernelSet* ks = kernel_set(current_isa());
   if (a.G > 1 && (k / a.G) % ks->int8_group) ks = lk::scalar_kernels();
-  run(ks->int8, a, 8, k * n);
+  lk::run_matmul(ks->int8, a, 8, k * n);
   return {out};
 }
 
@@ -248,26 +223,11 @@ std::vector<paddle::Tensor> LinearInt4(const paddle::Tensor& x, const paddle::Te
     std::fill(a.y, a.y + a.M * n, 0.0f);
     return {out};
   }
-  // De-interleave x into x_even / x_odd (the low / high nibbles' inputs), zero padded to 64 floats.
-  const int64_t kh = k / 2, ldh = (kh + 63) / 64 * 64;
   thread_local std::vector<float> scratch;
-  scratch.assign(size_t(2 * a.M * ldh), 0.0f);
-  const float* xp = x.data<float>();
-  for (int64_t m = 0; m < a.M; ++m) {
-    float* xe = scratch.data() + m * ldh;
-    float* xo = scratch.data() + (a.M + m) * ldh;
-    for (int64_t j = 0; j < kh; ++j) {
-      xe[j] = xp[m * k + 2 * j];
-      xo[j] = xp[m * k + 2 * j + 1];
-    }
-  }
-  a.x = xp;
-  a.xe = scratch.data();
-  a.xo = scratch.data() + a.M * ldh;
-  a.ldh = ldh;
+  lk::split_int4_input(a, x.data<float>(), scratch);
   const lk::KernelSet* ks = kernel_set(current_isa());
   if (a.G > 1 && (k / a.G) % ks->int4_group) ks = lk::scalar_kernels();
-  run(ks->int4, a, 8, kh * n);
+  lk::run_matmul(ks->int4, a, 8, k / 2 * n);
   return {out};
 }
 
@@ -306,20 +266,7 @@ std::vector<paddle::Tensor> AttendDecode(const paddle::Tensor& q, const paddle::
   a.bias = bias.data<float>();
   a.out = out.data<float>();
   a.B = B, a.H = H, a.KV = KV, a.T = T, a.S = span, a.D = D;
-  struct AttnJob {
-    lk::AttnFn fn;
-    const lk::AttnArgs* args;
-    int64_t units, nchunks;
-  } job{kernel_set(current_isa())->attn, &a, B * KV, 1};
-  const int64_t threads = lk::pool_threads();
-  if (threads > 1 && B * H * span * D >= (64 << 10)) job.nchunks = std::min<int64_t>(job.units, threads);
-  lk::parallel_run(
-      job.nchunks,
-      [](void* ctx, int64_t c) {
-        const auto& j = *static_cast<const AttnJob*>(ctx);
-        j.fn(*j.args, j.units * c / j.nchunks, j.units * (c + 1) / j.nchunks);
-      },
-      &job);
+  lk::run_attention(kernel_set(current_isa()), a);
   return {out};
 }
 
@@ -373,6 +320,74 @@ std::vector<DataType> F32Of3(const DataType&, const DataType&, const DataType&) 
 std::vector<DataType> I32Of1(const DataType&) { return {DataType::INT32}; }
 
 }  // namespace
+
+// ------------------------------------------------------------------------------------------------ dispatch
+namespace llm_kernels {
+
+const KernelSet* active_kernels() { return kernel_set(current_isa()); }
+
+namespace {
+struct Job {
+  RangeFn fn;
+  const MatArgs* args;
+  int64_t units, unit, nchunks;
+};
+
+void run_chunk(void* ctx, int64_t c) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  const int64_t u0 = j.units * c / j.nchunks, u1 = j.units * (c + 1) / j.nchunks;
+  const int64_t n1 = std::min(j.args->N, u1 * j.unit);
+  if (u0 * j.unit < n1) j.fn(*j.args, u0 * j.unit, n1);
+}
+
+struct AttnJob {
+  AttnFn fn;
+  const AttnArgs* args;
+  int64_t units, nchunks;
+};
+
+void run_attn_chunk(void* ctx, int64_t c) {
+  const auto& j = *static_cast<const AttnJob*>(ctx);
+  j.fn(*j.args, j.units * c / j.nchunks, j.units * (c + 1) / j.nchunks);
+}
+}  // namespace
+
+// One chunk per thread for small weights, four per thread for large ones (balance on a shared machine), none
+// (serial) under 32 KB of weights where waking a worker costs more than it saves.
+void run_matmul(RangeFn fn, const MatArgs& a, int64_t unit, int64_t weight_bytes) {
+  if (a.M == 0 || a.N == 0) return;
+  Job job{fn, &a, (a.N + unit - 1) / unit, unit, 1};
+  const int64_t threads = pool_threads();
+  if (weight_bytes * std::max<int64_t>(a.M, 1) >= (32 << 10) && threads > 1)
+    job.nchunks = std::min<int64_t>(job.units, threads * (weight_bytes >= (4 << 20) ? 4 : 1));
+  parallel_run(job.nchunks, run_chunk, &job);
+}
+
+void split_int4_input(MatArgs& a, const float* x, std::vector<float>& scratch) {
+  const int64_t k = a.K, kh = k / 2, ldh = (kh + 63) / 64 * 64;
+  scratch.assign(size_t(2 * a.M * ldh), 0.0f);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* xe = scratch.data() + m * ldh;
+    float* xo = scratch.data() + (a.M + m) * ldh;
+    for (int64_t j = 0; j < kh; ++j) {
+      xe[j] = x[m * k + 2 * j];
+      xo[j] = x[m * k + 2 * j + 1];
+    }
+  }
+  a.x = x;
+  a.xe = scratch.data();
+  a.xo = scratch.data() + a.M * ldh;
+  a.ldh = ldh;
+}
+
+void run_attention(const KernelSet* ks, const AttnArgs& a) {
+  AttnJob job{ks->attn, &a, a.B * a.KV, 1};
+  const int64_t threads = pool_threads();
+  if (threads > 1 && a.B * a.H * a.S * a.D >= (64 << 10)) job.nchunks = std::min<int64_t>(job.units, threads);
+  parallel_run(job.nchunks, run_attn_chunk, &job);
+}
+
+}  // namespace llm_kernels
 
 PD_BUILD_OP(llm_linear_kn)
     .Inputs({"X", "W"})
