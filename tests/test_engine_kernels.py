@@ -241,3 +241,33 @@ def test_export_with_kernels_needs_them_to_load(tmp_path: Path) -> None:
         "unavailable here (LLM_KERNELS=0)" in proc.stdout
         and "export the model again with LLM_KERNELS=0" in proc.stdout
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt", "chatglm"])
+def test_int8_lm_head(family: str, tmp_path: Path) -> None:
+    """``quant_lm_head``: logits equal the float ones computed through the dequantized int8 head (1e-4), the float
+    head leaves the kernel (unless the embedding shares it), and the exported graph gives the dynamic tokens."""
+    from llm.infer.decoders.quant import quant_linear
+
+    model = tiny(family, seed=4)
+    kernel = build_kernel(model)
+    name, transposed = kernel.head_layout()
+    last = paddle.randn([3, int(kernel._t(name).shape[1 if transposed else 0])])
+    kernel.quantize_head()
+    ref = kernel._head_q
+    q, s = getattr(kernel, ref.qweight), getattr(kernel, ref.scales)
+    assert q.dtype == paddle.int8 and q.shape[0] == kernel.vocab_size
+    dequantized = q.numpy().astype(np.float64) * s.numpy().astype(np.float64)  # [V, hidden]
+    expected = last.numpy().astype(np.float64) @ dequantized.T
+    for rows in (last, paddle.concat([last] * 12)):  # one kernel call, and chunks of MAX_ROWS rows
+        got = kernel._logits(rows, name, transposed).numpy()
+        np.testing.assert_allclose(got[:3], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with kernels.fallback():
+        plain = quant_linear(last, q, s, 8, -1).numpy()
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    registered = {**dict(kernel.named_parameters()), **dict(kernel.named_buffers())}
+    assert (name in registered) == (family != "llama")  # the tiny llama's head is not tied to the embedding
+    expected_tokens = create_engine(model, max_batch_size=4, quant_lm_head=True).generate(prompts(), CFG)
+    export_engine(model, str(tmp_path), max_seq_len=64, quant_lm_head=True)
+    assert "llm_linear_int8" in _graph_ops(tmp_path)
+    assert load_static_engine(str(tmp_path), max_batch_size=4).generate(prompts(), CFG) == expected_tokens

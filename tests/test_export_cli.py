@@ -247,6 +247,13 @@ def test_scripts_in_one_interpreter(setup: dict[str, Path]) -> None:
         ),
         (
             PREDICTOR,
+            ["--model_name_or_path", lora_out, "--mode", "static", "--quant_lm_head", *gen],
+            2,
+            "was exported with the float LM head (the head's format is fixed at export); export it again",
+        ),
+        (PREDICTOR, ["--model_name_or_path", s["model"], "--quant_lm_head", *gen], 0, "**Output**"),
+        (
+            PREDICTOR,
             ["--model_name_or_path", s["model"], "--data_file", s["bad"], *common],
             2,
             f"{s['bad']}:2: invalid JSON",

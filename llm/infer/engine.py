@@ -258,6 +258,7 @@ def create_engine(
     max_seq_len: int | None = None,
     dtype: str = "float32",
     backend: str = "auto",
+    quant_lm_head: bool = False,
 ) -> Engine:
     """A dynamic-graph :class:`Engine` for a loaded CausalLM (LoRA merged) or a ``PrefixModel``.
 
@@ -267,8 +268,12 @@ def create_engine(
     the model's position limit). ``dtype`` must be the model's dtype. On CPU: float32, or bfloat16 (weights
     stay bfloat16, each is widened to float32 where it is used, activations and KV cache are float32: paddle
     2.6 has no CPU bfloat16 matmul/norm/softmax kernels); float16 is refused (no CPU float16 kernels).
+    ``quant_lm_head``: the fast kernel reads the LM head from an int8 per-channel copy (the generic path keeps
+    the model's head).
     """
     from llm.infer.decoders import make_runner
 
-    runner = make_runner(model, backend=backend, max_seq_len=max_seq_len, dtype=dtype)
+    runner = make_runner(
+        model, backend=backend, max_seq_len=max_seq_len, dtype=dtype, quant_lm_head=quant_lm_head
+    )
     return Engine(runner, max_batch_size=max_batch_size)

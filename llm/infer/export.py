@@ -78,7 +78,12 @@ def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -
 
     with staged_output(output_path, writer="export_model", inputs=inputs, overwrite=overwrite) as tmp:
         static.export_engine(
-            model, tmp, max_seq_len=src_length + max_length, dtype=dtype, model_prefix=args.model_prefix
+            model,
+            tmp,
+            max_seq_len=src_length + max_length,
+            dtype=dtype,
+            model_prefix=args.model_prefix,
+            quant_lm_head=args.quant_lm_head,
         )
         model.config.save_pretrained(tmp)
         generation = os.path.join(path, "generation_config.json")
@@ -93,6 +98,7 @@ def export(args: PredictorArgument, output_path: str, overwrite: bool = False) -
             "lora_path": args.lora_path,
             "prefix_path": args.prefix_path,
             "quant_type": quant_type,
+            "quant_lm_head": bool(args.quant_lm_head),
         }
         write_json(os.path.join(tmp, EXPORT_INFO), info)
         check_static_dir(tmp, args.model_prefix)

@@ -137,7 +137,11 @@ class Predictor:
         loaded = load_dynamic(args, path)
         backend = "fast" if args.inference_model else "auto"
         engine = create_engine(
-            loaded.model, max_batch_size=args.batch_size, dtype=loaded.dtype, backend=backend
+            loaded.model,
+            max_batch_size=args.batch_size,
+            dtype=loaded.dtype,
+            backend=backend,
+            quant_lm_head=args.quant_lm_head,
         )
         return cls._finish(args, path, engine, loaded.tokenizer, loaded.src_length, loaded.max_length)
 
@@ -160,6 +164,11 @@ class Predictor:
             )
         check_static_dir(path, args.model_prefix)
         check_static_quant(path, args.quant_type, args.quant_group_size)
+        if args.quant_lm_head and not read_export_info(path).get("quant_lm_head"):
+            raise ConfigError(
+                f"--quant_lm_head: {path} was exported with the float LM head (the head's format is fixed at export); "
+                "export it again with --quant_lm_head, or drop the flag"
+            )
         tokenizer = load_tokenizer(path, chat_template=args.chat_template)
         engine = load_static_engine(
             path,

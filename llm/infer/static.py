@@ -77,13 +77,15 @@ def export_engine(
     dtype: str = "float32",
     model_prefix: str = MODEL_STEM,
     kernels: bool | None = None,
+    quant_lm_head: bool = False,
 ) -> None:
     """Export ``model`` (CausalLM with LoRA merged, or a ``PrefixModel``) for :func:`load_static_engine`
     as ``{model_prefix}.pdmodel`` / ``.pdiparams`` + ``engine.json``.
 
     ``kernels``: the program's weight products are the toolkit's custom operators (:mod:`llm.kernels`; plain
     weight layouts, the loader needs the operator library) -- ``None``: when they are available (not with
-    ``LLM_KERNELS=0``); ``False``: paddle ops only (a portable program, blocked layouts as before)."""
+    ``LLM_KERNELS=0``); ``False``: paddle ops only (a portable program, blocked layouts as before).
+    ``quant_lm_head``: the program stores and reads an int8 per-channel copy of the LM head."""
     from llm.model import family_of
 
     check_stem(model_prefix)
@@ -105,6 +107,8 @@ def export_engine(
     if kernel.dtype_name != dtype:
         raise ConfigError(f"the model is {kernel.dtype_name}, but dtype={dtype!r} was asked for")
     kernel.eval()
+    if quant_lm_head:
+        kernel.quantize_head()
     kernel.enable_blocked_head(*kernel.head_layout())
     prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None
     prefix_len = int(prefix[0][0].shape[2]) if prefix else 0

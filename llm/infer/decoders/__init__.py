@@ -55,7 +55,12 @@ def model_dtype(model: Any) -> str:
 
 
 def make_runner(
-    model: Any, *, backend: str = "auto", max_seq_len: int | None = None, dtype: str = "float32"
+    model: Any,
+    *,
+    backend: str = "auto",
+    max_seq_len: int | None = None,
+    dtype: str = "float32",
+    quant_lm_head: bool = False,
 ) -> KernelRunner | GenericRunner:
     """Pick the runner for ``model``: see :func:`llm.infer.create_engine`."""
     if backend not in BACKENDS:
@@ -77,6 +82,8 @@ def make_runner(
                 raise
         else:
             kernel.eval()
+            if quant_lm_head:
+                kernel.quantize_head()
             kernel.enable_blocked_head(*kernel.head_layout())
             kernel.keep_bits()
             prefix = kernel.prefix_cache(model) if isinstance(model, PrefixModelForCausalLM) else None

@@ -27,7 +27,7 @@ import paddle.nn.functional as F
 
 from llm.infer.decoders import fastmm
 from llm.infer.decoders.half import HALF, WIDEN_BYTES, bf16_bits, stride_kernels, widen, widen_bits
-from llm.infer.decoders.quant import is_quant, is_quant_ref, kernel_linear, register
+from llm.infer.decoders.quant import is_quant, is_quant_ref, kernel_linear, quantize_head, register
 
 NEG = -1e9
 HEAD_BLOCK = 768  # LM-head columns per block in dygraph (see StepKernel.enable_blocked_head)
@@ -393,6 +393,8 @@ class StepKernel(paddle.nn.Layer):
         if tensor is None:
             return None
         names = self.__dict__.setdefault("_tensor_names", {})
+        uses = self.__dict__.setdefault("_tensor_uses", {})
+        uses[id(tensor)] = uses.get(id(tensor), 0) + 1
         if id(tensor) not in names:
             names[id(tensor)] = name
             if isinstance(tensor, paddle.base.framework.EagerParamBase):
@@ -495,7 +497,7 @@ class StepKernel(paddle.nn.Layer):
 
         Not made when the kernel uses the custom ops (:attr:`fast_mm`): they read the head in place at any batch.
         """
-        if self.fast_mm:
+        if self.fast_mm or "_head_q" in self.__dict__:
             return
         head = self._t(name)
         if transposed:
@@ -508,8 +510,24 @@ class StepKernel(paddle.nn.Layer):
         self.register_buffer("lm_head_blocks", blocked.contiguous(), persistable=True)
         self.__dict__["_head_vocab"] = vocab
 
+    def quantize_head(self) -> None:
+        """Read the LM head from an int8 per-channel copy from now on (``quant_lm_head``; see
+        :func:`llm.infer.decoders.quant.quantize_head`); the float head is no longer registered unless the
+        embedding shares it. Call before :meth:`enable_blocked_head` (which it replaces)."""
+        name, transposed = self.head_layout()
+        self.__dict__["_head_q"] = quantize_head(self, name, transposed)
+        head = getattr(self, name)
+        if self.__dict__["_tensor_uses"].get(id(head)) == 1:  # registered for the head only
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+
     def _logits(self, last: paddle.Tensor, name: str, transposed: bool) -> paddle.Tensor:
-        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked copy)."""
+        """``last [b, hidden] -> [b, V]`` through the head stored as ``name`` (or its blocked copy, or its int8
+        copy: :meth:`quantize_head`)."""
+        head_q = self.__dict__.get("_head_q")
+        if head_q is not None:
+            chunked = fastmm.quant_head_chunks(self, last, head_q)
+            return self._qmatmul(last, head_q) if chunked is None else chunked
         vocab = self.__dict__.get("_head_vocab")
         fast = fastmm.head(self, last, name, transposed) if self.fast_mm and vocab is None else None
         if fast is not None:

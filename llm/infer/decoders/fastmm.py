@@ -270,6 +270,18 @@ def head(kernel: Any, last: paddle.Tensor, name: str, transposed: bool) -> paddl
     return paddle.concat([fn(last[s : s + MAX_ROWS], w) for s in range(0, b, MAX_ROWS)], axis=0)
 
 
+@paddle.jit.not_to_static
+def quant_head_chunks(kernel: Any, last: paddle.Tensor, ref: Any) -> paddle.Tensor | None:
+    """Dygraph with the custom ops and more than :data:`MAX_ROWS` rows: ``last`` through the int8 LM head ``ref``
+    in chunks of :data:`MAX_ROWS` rows (each a kernel call; the head is read once per chunk); None otherwise."""
+    if not paddle.in_dynamic_mode() or not enabled() or int(last.shape[0]) <= MAX_ROWS:
+        return None
+    b = int(last.shape[0])
+    return paddle.concat(
+        [kernel._qmatmul(last[s : s + MAX_ROWS], ref) for s in range(0, b, MAX_ROWS)], axis=0
+    )
+
+
 # ------------------------------------------------------------------------------------------ whole decode step
 StepSlots = tuple[Any, ...]  # per layer: ln1, qkv, qkv_b, out, out_b, ln2, gate_up, gate_up_b, down, down_b
 _VECTOR_SLOTS = (0, 2, 4, 5, 7, 9)  # norm weights and biases (registered names or None); the rest: weights

@@ -307,3 +307,16 @@ def kernel_linear(kernel: Any, x: paddle.Tensor, ref: QRef | PartsRef) -> paddle
         shift=get(ref.shift),
         kernels=kernel.fast_mm,
     )
+
+
+def quantize_head(kernel: Any, name: str, transposed: bool) -> QRef:
+    """Register an int8 per-channel (per vocabulary row, round-to-nearest: :func:`llm.quant.formats.rtn`) copy
+    of the LM head ``name`` (stored ``[V, hidden]`` when ``transposed``, else ``[hidden, V]``) as
+    ``lm_head_q_qw`` / ``lm_head_q_qs`` and return its reference; the head is then read as 1 byte per weight
+    (:func:`quant_linear`), which llama.cpp's quantized files do too (their head is Q6_K / Q8_0)."""
+    from llm.quant.formats import rtn
+
+    head = kernel._t(name).astype("float32").numpy()
+    stored = rtn(head.T if transposed else head, 8, -1)
+    weight = QWeight(paddle.to_tensor(stored.data), paddle.to_tensor(stored.scales), 8, -1)
+    return register(kernel, "lm_head_q", weight)
