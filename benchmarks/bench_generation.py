@@ -479,8 +479,10 @@ def main() -> None:
         (s, k)
         for s in systems
         for k in (["fp32"] if s == "transformers" else kinds)
-        # static export and the GGUF rows: no bf16; llama.cpp's quantized files have their own head (no -h8 rows)
-        if not (k == "bf16" and (s == "llama.cpp" or "static" in s)) and not (s == "llama.cpp" and "-h8" in k)
+        # static export and the GGUF rows: no bf16; -h8 (a kernel-engine option): not for llama.cpp, whose quantized
+        # files have their own head, nor the paddle-op engine
+        if not (k == "bf16" and (s == "llama.cpp" or "static" in s))
+        and not ("-h8" in k and s in ("llama.cpp", "toolkit-dynamic-paddle"))
     ]
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
