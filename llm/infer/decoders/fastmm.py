@@ -237,7 +237,9 @@ def product(kernel: Any, x: paddle.Tensor, name: str) -> paddle.Tensor | None:
     if not small(x):
         return None
     w = _float_weight_of(kernel, name)
-    return None if w is None else kn(x, w)
+    if w is None:
+        return None
+    return nk(x, w) if kernel.is_out_major(name) else kn(x, w)
 
 
 @paddle.jit.not_to_static
@@ -283,7 +285,8 @@ def quant_head_chunks(kernel: Any, last: paddle.Tensor, ref: Any) -> paddle.Tens
 
 
 # ------------------------------------------------------------------------------------------ whole decode step
-StepSlots = tuple[Any, ...]  # per layer: ln1, qkv, qkv_b, out, out_b, ln2, gate_up, gate_up_b, down, down_b
+# per layer: ln1, qkv, qkv_b, out, out_b, ln2, gate_up, gate_up_b, down, down_b (registered names or None)
+StepSlots = tuple[Any, ...]
 _VECTOR_SLOTS = (0, 2, 4, 5, 7, 9)  # norm weights and biases (registered names or None); the rest: weights
 
 
@@ -323,7 +326,8 @@ def step_plan(kernel: Any, layers: list[StepSlots]) -> tuple[list[paddle.Tensor]
                     kernel.__dict__["_step_plan"] = cache = (None,)
                     return None
                 tensors += found
-                slots.append(len(found))
+                out_major = index not in _VECTOR_SLOTS and len(found) == 1 and kernel.is_out_major(entry)
+                slots.append(3 if out_major else len(found))  # 3: one float [N, K] weight
         cache = kernel.__dict__["_step_plan"] = (tensors, slots)
     return None if cache[0] is None else cache
 

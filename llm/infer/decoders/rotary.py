@@ -281,6 +281,9 @@ class RotaryKernel(StepKernel):
                     (w, b) if is_quant(w) else column_blocks(w, b, 2 * mlp_blocks(w.shape[1] // 2))
                     for w, b in lw.gate_up
                 ]
+            else:  # the fused projections are the kernel's own copies: stored [N, K] (see StepKernel.out_major)
+                lw.qkv = (self.out_major(lw.qkv[0]), lw.qkv[1])
+                lw.gate_up = [(self.out_major(w), b) for w, b in lw.gate_up]
 
     def _register(self) -> None:
         """Register every tensor (see :meth:`StepKernel._reg`); ``layers_w`` then holds names."""

@@ -20,6 +20,7 @@ struct Avx2 {
   static constexpr int kn_nv(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }  // 16 ymm registers
   static constexpr int nk_r(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }
   static constexpr int q4_r(int mt) { return mt == 1 ? 4 : mt == 4 ? 1 : 2; }
+  static constexpr int q8_r(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }
 
   static inline V zero() { return _mm256_setzero_ps(); }
   static inline V set1(float v) { return _mm256_set1_ps(v); }

@@ -24,8 +24,9 @@ struct Avx512 {
   using V = __m512;
   static constexpr int W = 16;
   static constexpr int kn_nv(int mt) { return mt <= 3 ? 8 : 4; }  // MT x NV accumulators (<= 24)
-  static constexpr int nk_r(int mt) { return mt <= 3 ? 8 : 4; }
+  static constexpr int nk_r(int mt) { return mt == 1 ? 16 : mt <= 3 ? 8 : 4; }
   static constexpr int q4_r(int mt) { return mt <= 2 ? 8 : 4; }
+  static constexpr int q8_r(int mt) { return mt <= 3 ? 8 : 4; }
 
   static inline V zero() { return _mm512_setzero_ps(); }
   static inline V set1(float v) { return _mm512_set1_ps(v); }

@@ -9,7 +9,8 @@
 //   struct Q4; Q4 q4(float scale);            int4 dequantization state for one output row (and group)
 //   void dq4(const uint8_t* p, int n, const Q4&, V& lo, V& hi)
 //       W packed bytes (n <= W valid) -> lo = (low nibbles - 8) * scale, hi = (high nibbles - 8) * scale
-//   static constexpr int kn_nv(int mt), nk_r(int mt), q4_r(int mt)   register tile sizes (powers of two)
+//   static constexpr int kn_nv(int mt), nk_r(int mt), q8_r(int mt), q4_r(int mt)   register tile sizes
+//       (powers of two; nk_r: float [N, K] rows per tile, q8_r / q4_r: int8 / int4 rows)
 //
 // Row tiles: the M rows of x are processed MT <= 4 at a time (MT accumulators per output vector).
 // x is never quantized: low-bit weights are widened to float in registers and FMA'd with float x.
@@ -202,13 +203,14 @@ inline void nk_rows(const MatArgs& a, int64_t m0, int64_t& n, int64_t end) {
 template <class T, class WT, int MT, int KIND, int SC>
 inline void nk_block(const MatArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  nk_rows<T, WT, MT, KIND == 2 ? T::q4_r(MT) : T::nk_r(MT), KIND, SC>(a, m0, n, n1);
+  constexpr int R = KIND == 2 ? T::q4_r(MT) : KIND == 1 ? T::q8_r(MT) : T::nk_r(MT);
+  nk_rows<T, WT, MT, R, KIND, SC>(a, m0, n, n1);
 }
 
-// Output rows [n0, n1) in blocks of 8 (the block's weights stay in L1 across the row tiles of x).
+// Output rows [n0, n1) in blocks of 16 (the block's weights stay in L1 across the row tiles of x).
 template <class T, class WT, int KIND, int SC>
 void nk_range_sc(const MatArgs& a, int64_t n0, int64_t n1) {
-  constexpr int64_t kBlock = 8;
+  constexpr int64_t kBlock = 16;
   for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
     const int64_t b1 = min64(n1, b0 + kBlock);
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRows) {

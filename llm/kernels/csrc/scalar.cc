@@ -15,6 +15,7 @@ struct Scalar {
   static constexpr int kn_nv(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }
   static constexpr int nk_r(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }
   static constexpr int q4_r(int mt) { return mt == 1 ? 4 : mt == 4 ? 1 : 2; }
+  static constexpr int q8_r(int mt) { return mt == 1 ? 8 : mt == 4 ? 2 : 4; }
 
   static inline V zero() { return 0.0f; }
   static inline V set1(float v) { return v; }

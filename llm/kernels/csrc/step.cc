@@ -14,9 +14,10 @@
 //   Cos, Sin float32 [B, 1, H + KV, D]     rotary factors per rotated head (decoders.base.rope_factors)
 //   Bias     float32 [B, KV, H / KV, span] additive attention bias over the cache columns
 //   Weights  list of tensors, per layer the slots ln1, qkv, qkv_bias, out, out_bias, ln2, gate_up, gate_up_bias,
-//            down, down_bias; attribute `slots` holds each slot's tensor count: 0 absent (a norm weight folded
-//            into the next product, no bias), 1 a float32 vector (norm weight, bias) or a float32 / bfloat16
-//            [K, N] weight, 2 a low-bit weight (int8 [N, K] or packed uint8 [N, K / 2], then scales [N, G])
+//            down, down_bias; attribute `slots` holds each slot's kind: 0 absent (a norm weight folded into the
+//            next product, no bias), 1 a float32 vector (norm weight, bias) or a float32 / bfloat16 [K, N]
+//            weight, 2 a low-bit weight (two tensors: int8 [N, K] or packed uint8 [N, K / 2], then scales
+//            [N, G]), 3 a float32 / bfloat16 [N, K] weight (one tensor)
 //   Caches   list [k_0, v_0, k_1, v_1, ...], each float32 [B, KV, T, D]: the step's keys / values are written
 //            into column `col` in place, attention reads columns [0, span)
 // Out: float32 [B, 1, Hd], the hidden states after the last layer (before the final norm).
@@ -52,21 +53,24 @@ struct Proj {
   bool int4 = false;
 };
 
-Proj make_proj(const paddle::Tensor* t, int count, int64_t k, const lk::KernelSet* ks, int layer, int slot) {
+// Tensors a slot of kind `kind` holds (see the header).
+int tensors_of(int kind) { return kind == 3 ? 1 : kind; }
+
+Proj make_proj(const paddle::Tensor* t, int kind, int64_t k, const lk::KernelSet* ks, int layer, int slot) {
   const char* what = kSlotNames[slot];
-  PD_CHECK(count == 1 || count == 2, kOp, ": layer ", layer, " has no ", what, " weight");
+  PD_CHECK(kind >= 1 && kind <= 3, kOp, ": layer ", layer, " has no ", what, " weight");
   const paddle::Tensor& w = t[0];
   PD_CHECK(w.is_cpu() && w.shape().size() == 2, kOp, ": layer ", layer, " ", what, " must be a 2-D CPU tensor");
   Proj p;
   p.w = w.data();
-  if (count == 1) {
-    const bool bf16 = w.dtype() == DataType::BFLOAT16;
+  if (kind != 2) {
+    const bool bf16 = w.dtype() == DataType::BFLOAT16, kn = kind == 1;
     PD_CHECK(bf16 || w.dtype() == DataType::FLOAT32, kOp, ": layer ", layer, " ", what,
-             " must be float32 / bfloat16 [K, N] (or low-bit with scales)");
-    p.K = w.shape()[0];
-    p.N = w.shape()[1];
-    p.fn = bf16 ? ks->kn_bf16 : ks->kn_f32;
-    p.unit = ks->width;
+             " must be float32 / bfloat16 (or low-bit with scales)");
+    p.K = w.shape()[kn ? 0 : 1];
+    p.N = w.shape()[kn ? 1 : 0];
+    p.fn = kn ? (bf16 ? ks->kn_bf16 : ks->kn_f32) : (bf16 ? ks->nk_bf16 : ks->nk_f32);
+    p.unit = kn ? ks->width : 8;
     p.bytes = p.K * p.N * (bf16 ? 2 : 4);
   } else {
     const paddle::Tensor& s = t[1];
@@ -153,8 +157,8 @@ std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Te
            " slots for ", caches.size(), " caches (need ", kSlots, " slots per layer and a key and value cache)");
   int64_t total = 0;
   for (int c : slots) {
-    PD_CHECK(c >= 0 && c <= 2, kOp, ": a slot holds 0, 1 or 2 tensors");
-    total += c;
+    PD_CHECK(c >= 0 && c <= 3, kOp, ": a slot kind is 0, 1, 2 or 3");
+    total += tensors_of(c);
   }
   PD_CHECK(total == static_cast<int64_t>(weights.size()), kOp, ": slots count ", total, " tensors, got ",
            weights.size());
@@ -185,7 +189,7 @@ std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Te
     const paddle::Tensor* at[kSlots];
     for (int s = 0; s < kSlots; ++s) {
       at[s] = t;
-      t += n[s];
+      t += tensors_of(n[s]);
     }
     const int li = static_cast<int>(l);
     const float* ln1 = vector_of(at[kLn1], n[kLn1], Hd, li, kLn1);
