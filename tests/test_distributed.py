@@ -62,7 +62,11 @@ def _run(cmd: list[str], log_dir: Path | None = None) -> None:
 
 
 @pytest.mark.distributed
-def test_data_parallel_lora_synchronises_gradients(tiny_model_factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", [None, "nf4"])
+def test_data_parallel_lora_synchronises_gradients(
+    algo: str | None, tiny_model_factory, tmp_path: Path
+) -> None:
+    """Also on a QLoRA base (``weight_quantize_algo nf4``: each rank quantizes the base as it loads)."""
     out, log_dir, dp_rec, ref_rec = (tmp_path / n for n in ("out", "logs", "dp_rec", "ref_rec"))
     dp_rec.mkdir()
     ref_rec.mkdir()
@@ -86,6 +90,8 @@ def test_data_parallel_lora_synchronises_gradients(tiny_model_factory, tmp_path:
         "report_to": "none",
         "seed": 1,
     }
+    if algo:
+        config["weight_quantize_algo"] = algo
     cfg = tmp_path / "lora_dp.json"
     cfg.write_text(json.dumps(config, indent=2))
     # No CPU-specific settings needed: on a CPU build the launcher picks the gloo backend itself

@@ -141,13 +141,13 @@ def test_base_transform_registry(tmp_path, monkeypatch) -> None:
     adapter = _adapter(base, str(tmp_path / "lora"))
     cfg_path = tmp_path / "lora" / "config.json"
     cfg = json.load(open(cfg_path))
-    cfg["quantization_config"] = {"weight_quantize_algo": "nf4"}
+    cfg["quantization_config"] = {"weight_quantize_algo": "llm.int8"}
     json.dump(cfg, open(cfg_path, "w"))
-    with pytest.raises(ModelError, match="'nf4' quantized base is not supported yet"):
+    with pytest.raises(ModelError, match="'llm.int8' quantized base is not supported yet"):
         merge_lora_checkpoint(adapter, str(tmp_path / "merged"))
     # a stand-in quantizer: round to 1/8; the merge must see the rounded base, like training did
     monkeypatch.setattr(lora_mod, "BASE_TRANSFORMS", dict(lora_mod.BASE_TRANSFORMS))
-    register_base_transform("nf4", lambda w, qconfig: paddle.round(w * 8) / 8)
+    register_base_transform("llm.int8", lambda w, qconfig: paddle.round(w * 8) / 8)
     report = merge_lora_checkpoint(adapter, str(tmp_path / "merged"))
     assert report.max_abs_diff <= 1e-5
     name = LAYER["llama"]
@@ -189,12 +189,12 @@ def test_in_memory_merge_shares_the_checkpoint_merge(tmp_path, monkeypatch) -> N
     adapter = _adapter(base, str(tmp_path / "lora"), rslora=True)
     cfg_path = tmp_path / "lora" / "config.json"
     cfg = json.load(open(cfg_path))
-    cfg["quantization_config"] = {"weight_quantize_algo": "nf4"}
+    cfg["quantization_config"] = {"weight_quantize_algo": "llm.int8"}
     json.dump(cfg, open(cfg_path, "w"))
-    with pytest.raises(ModelError, match="'nf4' quantized base is not supported yet"):
+    with pytest.raises(ModelError, match="'llm.int8' quantized base is not supported yet"):
         merge_lora(load_model(base), adapter)
     monkeypatch.setattr(lora_mod, "BASE_TRANSFORMS", dict(lora_mod.BASE_TRANSFORMS))
-    register_base_transform("nf4", lambda w, qconfig: paddle.round(w * 8) / 8)
+    register_base_transform("llm.int8", lambda w, qconfig: paddle.round(w * 8) / 8)
     merge_lora_checkpoint(adapter, str(tmp_path / "merged"))
     on_disk = SafetensorsFile(str(tmp_path / "merged" / "model.safetensors"))
     in_memory = merge_lora(load_model(base), adapter).state_dict()

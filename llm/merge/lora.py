@@ -59,6 +59,11 @@ def register_base_transform(algo: str, fn: BaseTransform) -> None:
 
 def base_transform_for(algo: str | None) -> BaseTransform:
     """The registered transform for ``algo`` (``None`` = float base); unknown algorithms raise ModelError."""
+    if algo not in BASE_TRANSFORMS:
+        from llm.lowbit import LOW_BIT_ALGOS, dequantized_like_training
+
+        if algo in LOW_BIT_ALGOS:  # bases trained with weight_quantize_algo (llm.lowbit)
+            register_base_transform(algo, dequantized_like_training)
     if algo in BASE_TRANSFORMS:
         return BASE_TRANSFORMS[algo]
     raise ModelError(
@@ -211,6 +216,16 @@ def attach_adapter(adapter: Adapter, model: paddle.nn.Layer) -> tuple[Any, list[
             if getattr(layer, "pissa", False):
                 layer.pissa_init(layer.r)  # the base becomes its SVD residual, as in training
                 layer.apply_pissa = True
+        if adapter.qconfig.get(
+            "weight_quantize_algo"
+        ):  # training saw every decoder linear low-bit, not only these
+            from llm.quant.model import get_layer, quant_targets
+
+            wrapped = {id(layer) for _, layer in layers}
+            for name in quant_targets(lora_model.model):
+                layer = get_layer(lora_model.model, name)
+                if id(layer) not in wrapped:
+                    layer.weight.set_value(adapter.transform(layer.weight, adapter.qconfig))
         model_state = lora_model.model.state_dict()
         for key, value in adapter.state.items():
             _assign(model_state[key], value)

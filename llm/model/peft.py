@@ -157,14 +157,23 @@ def adapter_base_hint(path: str, config_name: str) -> str:
 
 
 def _lora_layer_count(model: paddle.nn.Layer) -> int:
-    return sum(1 for layer in model.sublayers() if isinstance(layer, LoRALinear))
+    from llm.lowbit import LowBitLoRALinear
+
+    return sum(1 for layer in model.sublayers() if isinstance(layer, LoRALinear | LowBitLoRALinear))
+
+
+def _lora_model_class(model: paddle.nn.Layer) -> type[LoRAModel]:
+    """paddlenlp's ``LoRAModel``, or :class:`llm.lowbit.LowBitLoRAModel` for a low-bit base."""
+    from llm.lowbit import LowBitLoRAModel, has_low_bit_layers
+
+    return LowBitLoRAModel if has_low_bit_layers(model) else LoRAModel
 
 
 def load_lora(model: paddle.nn.Layer, lora_path: str) -> LoRAModel:
     """``LoRAModel.from_pretrained`` with clear errors for missing files or an adapter for another family."""
     family_of(model).check("lora")
     _require_files(lora_path, "LoRA", "lora_config.json", LORA_FILES)
-    lora_model = LoRAModel.from_pretrained(model=model, lora_path=lora_path)
+    lora_model = _lora_model_class(model).from_pretrained(model=model, lora_path=lora_path)
     if _lora_layer_count(lora_model) == 0:
         raise ModelError(
             f"{lora_path}: the adapter's target_modules match no layer of this {family_of(model).name} model"
@@ -178,7 +187,7 @@ def apply_lora(model: paddle.nn.Layer, model_args: Any, dtype: str = "float32") 
     lora_path = getattr(model_args, "lora_path", None)
     if lora_path:
         return load_lora(model, lora_path)
-    lora_model = LoRAModel(model, make_lora_config(model, model_args, dtype))
+    lora_model = _lora_model_class(model)(model, make_lora_config(model, model_args, dtype))
     if _lora_layer_count(lora_model) == 0:
         raise ConfigError(f"no LoRA target module matched in the {family_of(model).name} model")
     return lora_model

@@ -111,12 +111,13 @@ def load_quantized(path: str, dtype: str = "float32") -> paddle.nn.Layer:
                 raise ModelError(
                     f"{weights}: {name} has shape {list(value.shape)}, the model needs {list(target.shape)}"
                 )
-            _assign(target, value)
+            assign_array(target, value)
     model.eval()
     return apply_family_fixes(model, fresh_init=False)
 
 
-def _assign(target: paddle.Tensor, value: np.ndarray) -> None:
+def assign_array(target: paddle.Tensor, value: np.ndarray) -> None:
+    """Copy ``value`` into ``target`` in its dtype (bfloat16 through float32)."""
     if target.dtype == paddle.bfloat16:
         target.set_value(paddle.to_tensor(value.astype(np.float32)).astype("bfloat16"))
     else:

@@ -30,6 +30,7 @@ from llm.config import (
 from llm.data import DataCollator, load_split
 from llm.errors import ConfigError, exit_on_user_error
 from llm.fileio import staged_file, write_json
+from llm.lowbit import LowBitSpec, check_low_bit_training, load_low_bit_model
 from llm.model import apply_peft, enable_neftune, family_of, load_model
 from llm.outputs import check_output_path, is_complete, new_staging_dir, publish, staging_path
 from llm.templates import resolve_chat_template
@@ -82,11 +83,14 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     gen_args, quant_args, model_args, data_args, training_args = parse_arguments(ARGUMENT_TYPES, argv)
     check_static(model_args, data_args, quant_args, training_args)
     check_runtime(model_args, data_args, quant_args, training_args)
-    if quant_args.do_qat or model_args.weight_quantize_algo:
+    if quant_args.do_qat:
         raise ConfigError(
-            "quantization-aware training (do_qat) and low-bit base weights for training (weight_quantize_algo) "
-            "are not part of this release yet; post-training quantization is: do_ptq, do_gptq"
+            "quantization-aware training (do_qat) is not part of this release yet; post-training quantization is "
+            "(do_ptq, do_gptq), and so is LoRA / Prefix tuning on a low-bit base (weight_quantize_algo)"
         )
+    low_bit = LowBitSpec.from_args(model_args)
+    if low_bit is not None and not (quant_args.do_ptq or quant_args.do_gptq):
+        check_low_bit_training(model_args)
     if quant_args.do_ptq or quant_args.do_gptq:
         _print_arguments((model_args, data_args, quant_args))
         set_seed(training_args.seed)
@@ -143,7 +147,10 @@ def _run(argv: list[str] | None) -> dict[str, float]:
             "test", data_args, tokenizer, template, zero_padding=False, for_generation=do_generation
         )
 
-    model = load_model(model_args.model_name_or_path, dtype=_model_dtype(training_args))
+    if low_bit is not None:  # the base quantized tensor by tensor as it loads (llm.lowbit)
+        model = load_low_bit_model(model_args.model_name_or_path, low_bit, dtype=_model_dtype(training_args))
+    else:
+        model = load_model(model_args.model_name_or_path, dtype=_model_dtype(training_args))
     family_of(model)  # refuses unknown families with a clear message
     model = apply_peft(model, model_args, dtype=_model_dtype(training_args))
     neftune = enable_neftune(model, model_args.neftune_noise_alpha) if model_args.neftune else None
