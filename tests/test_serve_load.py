@@ -205,7 +205,11 @@ def test_load_and_faults(server: hs.Server) -> None:
     after = idle(port, time.monotonic() + 60, base["threads"])
     assert after["active_requests"] == 0
     assert after["threads"] == base["threads"], (base, after)
-    assert hs.proc_threads(server.proc.pid) == base_proc
+    # no OS thread leaked (one that was still winding down when the base was taken may be gone by now)
+    deadline = time.monotonic() + 30
+    while hs.proc_threads(server.proc.pid) > base_proc and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hs.proc_threads(server.proc.pid) <= base_proc
     cut = [
         int(n)
         for n in re.findall(r"cmpl-\w+ cancelled after (\d+) tokens .*client disconnected", server.log())
