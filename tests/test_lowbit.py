@@ -277,7 +277,23 @@ def test_family_matrix(family: str, mode: str, tiny_model_factory, tmp_path: Pat
     tuned.eval()
     logits = forward_logits(tuned, {"input_ids": ids}).numpy()
     assert np.isfinite(logits).all()
-    if kind == "lora":
+    if kind == "prefix":  # the predictor's model: the prefix on the base quantized the way it trained against
+        from llm.infer.predictor import build_model
+
+        assert (out / "quantization_config.json").is_file()
+        with paddle.utils.unique_name.guard():
+            served = build_model(str(model_dir), "float32", prefix_path=str(out))
+        np.testing.assert_allclose(
+            forward_logits(served, {"input_ids": ids}).numpy(), logits, rtol=0, atol=1e-5
+        )
+        from llm.infer import GenerationConfig, create_engine
+
+        engine = create_engine(
+            served, max_batch_size=2
+        )  # the model's own forward: no fast kernel for LowBitLinear
+        assert "generic" in str(engine.runner.kind)
+        assert len(engine.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=3, eos_token_ids=()))[0]) == 3
+    else:
         merge_lora_checkpoint(str(out), str(tmp_path / "merged"))
         merged = load_model(str(tmp_path / "merged"))
         merged.eval()

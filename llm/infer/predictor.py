@@ -323,9 +323,13 @@ def build_model(
     ``quant`` (a :class:`llm.infer.quantized.QuantRequest`) quantizes a float model after the LoRA merge."""
     from llm.infer.adapters import load_checked_prefix, merge_lora
     from llm.infer.quantized import apply_request
+    from llm.lowbit import adapter_base_spec, load_low_bit_model
     from llm.model import load_model
 
-    model = load_model(path, dtype=dtype)
+    spec = adapter_base_spec(prefix_path) if prefix_path else None
+    # a prefix trained on a low-bit base runs on that base (the float one would not be what it learned against);
+    # a LoRA adapter merges into the float base quantized-dequantized the same way (llm.merge.lora)
+    model = load_model(path, dtype=dtype) if spec is None else load_low_bit_model(path, spec, dtype=dtype)
     if lora_path:
         model = merge_lora(model, lora_path)
     if quant is not None:

@@ -10,6 +10,8 @@ dequantizes per product, forward and backward (:mod:`llm.lowbit.layers`), :class
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import paddle
@@ -24,11 +26,40 @@ __all__ = [
     "LowBitLoRALinear",
     "LowBitLoRAModel",
     "LowBitSpec",
+    "adapter_base_spec",
     "check_low_bit_training",
     "dequantized_like_training",
     "has_low_bit_layers",
     "load_low_bit_model",
+    "write_base_quantization",
 ]
+
+#: written next to a Prefix adapter trained on a low-bit base (a LoRA adapter's config.json already records it)
+QUANTIZATION_FILE = "quantization_config.json"
+
+
+def write_base_quantization(model: paddle.nn.Layer, directory: str) -> None:
+    """Record the low-bit base of a saved adapter in ``directory`` unless its ``config.json`` does (no-op for a
+    float base)."""
+    if not has_low_bit_layers(model) or adapter_base_spec(directory) is not None:
+        return
+    config = getattr(model, "config", None) or model.model.config  # PrefixModel / LoRAModel wrap the model
+    with open(os.path.join(directory, QUANTIZATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(config.quantization_config.to_dict(), f, indent=2)
+
+
+def adapter_base_spec(directory: str) -> LowBitSpec | None:
+    """The low-bit base an adapter in ``directory`` was trained on (its ``config.json``'s
+    ``quantization_config``, or ``quantization_config.json``), or None for a float base."""
+    for name, key in (("config.json", "quantization_config"), (QUANTIZATION_FILE, None)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            qconfig = data.get(key) if key else data
+            if isinstance(qconfig, dict) and qconfig.get("weight_quantize_algo") in LOW_BIT_ALGOS:
+                return LowBitSpec.from_args(_Args(qconfig))
+    return None
 
 
 def check_low_bit_training(model_args: Any) -> None:

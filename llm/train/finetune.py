@@ -30,7 +30,7 @@ from llm.config import (
 from llm.data import DataCollator, load_split
 from llm.errors import ConfigError, exit_on_user_error
 from llm.fileio import staged_file, write_json
-from llm.lowbit import LowBitSpec, check_low_bit_training, load_low_bit_model
+from llm.lowbit import LowBitSpec, check_low_bit_training, load_low_bit_model, write_base_quantization
 from llm.model import apply_peft, enable_neftune, family_of, load_model
 from llm.outputs import check_output_path, is_complete, new_staging_dir, publish, staging_path
 from llm.templates import resolve_chat_template
@@ -252,6 +252,7 @@ def save_final_model(trainer: CausalLMTrainer, settings: dict[str, Any], resumed
     trainer.save_model(output_dir=staging, merge_tensor_parallel=args.tensor_parallel_degree > 1)
     _barrier(args)
     if args.should_save:
+        write_base_quantization(trainer.model, staging)  # a Prefix adapter names its low-bit base
         publish(staging, out, "finetune_generation", global_step=step, run=settings)
     _barrier(args)
     return True

@@ -38,6 +38,10 @@ def build_kernel(model: Any) -> StepKernel:
     ]
     if unmerged:
         raise ModelError(f"{len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]}); merge LoRA first")
+    from llm.lowbit import has_low_bit_layers
+
+    if has_low_bit_layers(model):
+        raise ModelError("a low-bit PEFT base (weight_quantize_algo) runs through the model's own forward")
     if family in ROTARY_FAMILIES:
         return RotaryKernel(model)
     if family in CLASSIC_FAMILIES:
