@@ -254,6 +254,21 @@ def test_scripts_in_one_interpreter(setup: dict[str, Path]) -> None:
         (PREDICTOR, ["--model_name_or_path", s["model"], "--quant_lm_head", *gen], 0, "**Output**"),
         (
             PREDICTOR,
+            ["--model_name_or_path", s["model"], "--lora_path", s["lora"], "--merge_lora", "false", *gen],
+            0,
+            "**Output**",
+        ),
+        (
+            PREDICTOR,
+            [
+                *("--model_name_or_path", s["model"], "--lora_path", s["lora"], "--merge_lora", "false"),
+                *("--quant_type", "weight_only_int8", *common),
+            ],
+            2,
+            "--quant_type quantizes the merged model: it cannot be combined with --merge_lora false",
+        ),
+        (
+            PREDICTOR,
             ["--model_name_or_path", s["model"], "--data_file", s["bad"], *common],
             2,
             f"{s['bad']}:2: invalid JSON",

@@ -222,6 +222,18 @@ def test_finetune_merge_and_predict_on_a_low_bit_base(algo: str, tiny_model_fact
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=())
     tokens = create_engine(in_memory, max_batch_size=2).generate([[5, 6, 7]], config)
     assert tokens == create_engine(merged, max_batch_size=2).generate([[5, 6, 7]], config)
+    # predictor --merge_lora false: the adapter unmerged on the low-bit base it names, the model's own forward
+    from llm.infer.predictor import build_model
+
+    with paddle.utils.unique_name.guard():
+        unmerged = build_model(str(model_dir), "float32", lora_path=str(out), merge=False)
+    assert sum(isinstance(layer, LowBitLinear) for layer in unmerged.sublayers()) > 0
+    np.testing.assert_allclose(
+        forward_logits(unmerged, {"input_ids": ids}).numpy(), trained, rtol=0, atol=1e-5
+    )
+    engine = create_engine(unmerged, max_batch_size=2)
+    assert "generic" in str(engine.runner.kind)
+    assert engine.generate([[5, 6, 7]], config) == tokens
 
 
 def test_low_bit_training_refusals_come_before_any_weight(

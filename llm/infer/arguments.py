@@ -82,6 +82,14 @@ class PredictorArgument:
     lora_path: str | None = field(
         default=None, metadata={"help": "LoRA directory; merged in memory (dynamic)."}
     )
+    merge_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "False: run the --lora_path adapter unmerged through the model's own forward, on the low-bit "
+            "base it was trained on when it names one (weight_quantize_algo: the base stays 4 / 8-bit in memory); "
+            "True: merge it in memory and decode on the fast engine."
+        },
+    )
     prefix_path: str | None = field(default=None, metadata={"help": "Prefix-tuning directory (dynamic)."})
     mode: str = field(
         default="dynamic",
@@ -151,6 +159,10 @@ class PredictorArgument:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.lora_path and self.prefix_path:
             raise ConfigError("lora_path and prefix_path cannot be used together; choose one")
+        if not self.merge_lora and self.quant_type is not None:
+            raise ConfigError(
+                "--quant_type quantizes the merged model: it cannot be combined with --merge_lora false"
+            )
 
 
 @dataclass

@@ -318,20 +318,26 @@ def build_model(
     lora_path: str | None = None,
     prefix_path: str | None = None,
     quant: Any = None,
+    merge: bool = True,
 ) -> Any:
-    """The model ready for :func:`llm.infer.create_engine`: base (+ merged LoRA) or a ``PrefixModel``;
-    ``quant`` (a :class:`llm.infer.quantized.QuantRequest`) quantizes a float model after the LoRA merge."""
+    """The model ready for :func:`llm.infer.create_engine`: base (+ merged LoRA, or with ``merge=False`` the
+    unmerged ``LoRAModel``) or a ``PrefixModel``; ``quant`` (a :class:`llm.infer.quantized.QuantRequest`)
+    quantizes a float model after the LoRA merge. An adapter trained on a low-bit base runs on that base when it
+    is not merged (a prefix never is)."""
     from llm.infer.adapters import load_checked_prefix, merge_lora
     from llm.infer.quantized import apply_request
     from llm.lowbit import adapter_base_spec, load_low_bit_model
-    from llm.model import load_model
+    from llm.model import load_lora, load_model
 
-    spec = adapter_base_spec(prefix_path) if prefix_path else None
-    # a prefix trained on a low-bit base runs on that base (the float one would not be what it learned against);
-    # a LoRA adapter merges into the float base quantized-dequantized the same way (llm.merge.lora)
+    unmerged = prefix_path or (lora_path if not merge else None)
+    spec = adapter_base_spec(unmerged) if unmerged else None
+    # an unmerged adapter trained on a low-bit base runs on that base (the float one is not what it learned
+    # against); a merged LoRA adapter goes into the float base quantized-dequantized the same way (llm.merge.lora)
     model = load_model(path, dtype=dtype) if spec is None else load_low_bit_model(path, spec, dtype=dtype)
-    if lora_path:
+    if lora_path and merge:
         model = merge_lora(model, lora_path)
+    elif lora_path:
+        model = load_lora(model, lora_path)
     if quant is not None:
         model = apply_request(model, quant)
     if prefix_path:
@@ -371,7 +377,14 @@ def load_dynamic(args: PredictorArgument, path: str) -> DynamicModel:
             f"{path} is quantized ({quant.quant_type}): a LoRA adapter cannot be merged into low-bit weights; "
             f"pass the float base model and --quant_type {quant.quant_type} (quantized after the merge)"
         )
-    model = build_model(path, dtype, lora_path=args.lora_path, prefix_path=args.prefix_path, quant=quant)
+    model = build_model(
+        path,
+        dtype,
+        lora_path=args.lora_path,
+        prefix_path=args.prefix_path,
+        quant=quant,
+        merge=args.merge_lora,
+    )
     if quant.stored is not None:
         from llm.infer.decoders import model_dtype
 
