@@ -14,6 +14,7 @@ from paddlenlp.peft import LoRAModel
 
 from llm.errors import ConfigError
 from llm.lowbit.layers import LowBitLinear, LowBitLoRALinear
+from llm.quant.model import get_layer, set_layer
 
 
 class LowBitLoRAModel(LoRAModel):
@@ -22,11 +23,9 @@ class LowBitLoRAModel(LoRAModel):
     def _find_and_replace_module(
         self, model: Any, module_name: str, lora_config: Any, enable_lora: Any
     ) -> None:
-        parent = model
-        *path, child = module_name.split(".")
-        for name in path:
-            parent = getattr(parent, name)
-        module = getattr(parent, child)
+        parent_name = module_name.rpartition(".")[0]
+        parent = get_layer(model, parent_name) if parent_name else model
+        module = get_layer(model, module_name)
         if isinstance(parent, LowBitLoRALinear) or isinstance(module, LowBitLoRALinear):
             return  # the base inside a wrapped layer (target regexes match "q_proj.base" too)
         if not isinstance(module, LowBitLinear):
@@ -46,7 +45,7 @@ class LowBitLoRAModel(LoRAModel):
             rslora=lora_config.rslora,
             lora_plus_scale=lora_config.lora_plus_scale,
         )
-        setattr(parent, child, layer)
+        set_layer(model, module_name, layer)
         self.quantized = True
 
     def mark_only_lora_as_trainable(self) -> None:

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "elementwise.h"
 #include "paddle/extension.h"
 
 using paddle::DataType;
@@ -39,14 +40,7 @@ std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tenso
   const float* xp = x.data<float>();
   const float* wp = w.data<float>();
   float* yp = out.data<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = xp + r * d;
-    float* yr = yp + r * d;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / float(d) + eps);
-    for (int64_t i = 0; i < d; ++i) yr[i] = inv * xr[i] * wp[i];
-  }
+  for (int64_t r = 0; r < m; ++r) llm_kernels::rms_row(xp + r * d, wp, d, eps, yp + r * d);
   return {out};
 }
 
@@ -60,12 +54,7 @@ std::vector<paddle::Tensor> Swiglu(const paddle::Tensor& x) {
   auto out = paddle::empty(shape, DataType::FLOAT32, paddle::CPUPlace());
   const float* xp = x.data<float>();
   float* yp = out.data<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* g = xp + r * 2 * n;
-    const float* u = g + n;
-    float* y = yp + r * n;
-    for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
+  for (int64_t r = 0; r < m; ++r) llm_kernels::swiglu_row(xp + r * 2 * n, xp + r * 2 * n + n, n, yp + r * n);
   return {out};
 }
 
@@ -85,7 +74,6 @@ std::vector<paddle::Tensor> RopeQKV(const paddle::Tensor& qkv, const paddle::Ten
   auto v = paddle::empty({B, KV, S, D}, DataType::FLOAT32, paddle::CPUPlace());
   const float *xp = qkv.data<float>(), *cp = cos.data<float>(), *sp = sin.data<float>();
   float *qp = q.data<float>(), *kp = k.data<float>(), *vp = v.data<float>();
-  const int64_t half = D / 2;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t s = 0; s < S; ++s) {
       const float* row = xp + (b * S + s) * xs[2];
@@ -94,11 +82,7 @@ std::vector<paddle::Tensor> RopeQKV(const paddle::Tensor& qkv, const paddle::Ten
         const float* c = cp + ((b * S + s) * R + r) * D;
         const float* n = sp + ((b * S + s) * R + r) * D;
         float* y = r < H ? qp + ((b * S + s) * H + r) * D : kp + ((b * KV + (r - H)) * S + s) * D;
-        const float scale = r < H ? q_scale : 1.0f;
-        for (int64_t i = 0; i < D; ++i) {
-          const float rot = x[i] * c[i] + x[(i + D - half) % D] * n[i];
-          y[i] = scale == 1.0f ? rot : rot * scale;
-        }
+        llm_kernels::rope_head(x, c, n, D, r < H ? q_scale : 1.0f, y);
       }
       for (int64_t j = 0; j < KV; ++j)
         std::memcpy(vp + ((b * KV + j) * S + s) * D, row + (R + j) * D, size_t(D) * sizeof(float));

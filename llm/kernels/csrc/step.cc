@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "elementwise.h"
 #include "kernels.h"
 #include "paddle/extension.h"
 
@@ -125,17 +126,7 @@ void apply(const Proj& p, const float* x, int64_t m, float* y, std::vector<float
 
 // llm_rms_norm's arithmetic (weight nullptr: weightless, the weight folded into the next product).
 void rms_rows(const float* x, const float* w, int64_t m, int64_t d, float eps, float* y) {
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * d;
-    float* yr = y + r * d;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / float(d) + eps);
-    if (w)
-      for (int64_t i = 0; i < d; ++i) yr[i] = inv * xr[i] * w[i];
-    else
-      for (int64_t i = 0; i < d; ++i) yr[i] = inv * xr[i] * 1.0f;
-  }
+  for (int64_t r = 0; r < m; ++r) lk::rms_row(x + r * d, w, d, eps, y + r * d);
 }
 
 std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Tensor& cos, const paddle::Tensor& sin,
@@ -181,7 +172,6 @@ std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Te
   q.resize(size_t(B * H * D));
   ctx.resize(size_t(B * H * D));
   const float *cp = cos.data<float>(), *sp = sin.data<float>();
-  const int64_t half = D / 2;
 
   const paddle::Tensor* t = weights.data();
   for (int64_t l = 0; l < L; ++l) {
@@ -220,11 +210,7 @@ std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Te
         const float* c = cp + (b * R + r) * D;
         const float* sn = sp + (b * R + r) * D;
         float* y = r < H ? q.data() + (b * H + r) * D : kc + ((b * KV + (r - H)) * T + col) * D;
-        const float scale = r < H ? q_scale : 1.0f;
-        for (int64_t i = 0; i < D; ++i) {
-          const float rot = xr[i] * c[i] + xr[(i + D - half) % D] * sn[i];
-          y[i] = scale == 1.0f ? rot : rot * scale;
-        }
+        lk::rope_head(xr, c, sn, D, r < H ? q_scale : 1.0f, y);
       }
       for (int64_t j = 0; j < KV; ++j)
         std::memcpy(vc + ((b * KV + j) * T + col) * D, row + (R + j) * D, size_t(D) * sizeof(float));
@@ -245,12 +231,8 @@ std::vector<paddle::Tensor> DecodeStep(const paddle::Tensor& x, const paddle::Te
     gu.resize(size_t(B * 2 * I));
     act.resize(size_t(B * I));
     apply(pgu, xn.data(), B, gu.data(), scratch);
-    for (int64_t b = 0; b < B; ++b) {  // llm_swiglu's arithmetic
-      const float* g = gu.data() + b * 2 * I;
-      const float* u = g + I;
-      float* y = act.data() + b * I;
-      for (int64_t i = 0; i < I; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t b = 0; b < B; ++b)  // llm_swiglu's arithmetic
+      lk::swiglu_row(gu.data() + b * 2 * I, gu.data() + b * 2 * I + I, I, act.data() + b * I);
     apply(pdown, act.data(), B, tmp.data(), scratch);
     for (int64_t i = 0; i < B * Hd; ++i) h[i] = h[i] + tmp[i];
   }
