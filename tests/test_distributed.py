@@ -61,12 +61,19 @@ def _run(cmd: list[str], log_dir: Path | None = None) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + tails
 
 
+def _logged_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / LOG_NAME).read_text().splitlines()) if "loss" in r]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("algo", [None, "nf4"])
+@pytest.mark.parametrize(
+    "algo, sharding", [(None, None), ("nf4", None), (None, "stage1")], ids=["dp", "dp-nf4", "sharding1"]
+)
 def test_data_parallel_lora_synchronises_gradients(
-    algo: str | None, tiny_model_factory, tmp_path: Path
+    algo: str | None, sharding: str | None, tiny_model_factory, tmp_path: Path
 ) -> None:
-    """Also on a QLoRA base (``weight_quantize_algo nf4``: each rank quantizes the base as it loads)."""
+    """Also on a QLoRA base (``weight_quantize_algo nf4``: each rank quantizes the base as it loads), and with
+    sharding stage 1 (the optimizer state split over the 2 ranks, which still read different data)."""
     out, log_dir, dp_rec, ref_rec = (tmp_path / n for n in ("out", "logs", "dp_rec", "ref_rec"))
     dp_rec.mkdir()
     ref_rec.mkdir()
@@ -92,6 +99,8 @@ def test_data_parallel_lora_synchronises_gradients(
     }
     if algo:
         config["weight_quantize_algo"] = algo
+    if sharding:
+        config.update(sharding=sharding, sharding_parallel_degree=2)
     cfg = tmp_path / "lora_dp.json"
     cfg.write_text(json.dumps(config, indent=2))
     # No CPU-specific settings needed: on a CPU build the launcher picks the gloo backend itself
@@ -133,7 +142,9 @@ def test_data_parallel_lora_synchronises_gradients(
     for rank, path in logs.items():
         text = path.read_text(errors="replace")
         assert "Traceback" not in text and not any(line.startswith("error:") for line in text.splitlines())
-        assert f"data_parallel_rank            : {rank}" in text  # each rank is one data-parallel replica
+        # each rank is one data-parallel replica, or one sharding rank (which reads its own data too)
+        replica = "sharding_parallel_rank        :" if sharding else "data_parallel_rank            :"
+        assert f"{replica} {rank}" in text
         assert "dataset_world_size            : 2" in text and "world_size                    : 2" in text
         env_dump = (log_dir / f"envlog.{rank}").read_text()
         assert "PADDLE_DISTRI_BACKEND=gloo" in env_dump and f"PADDLE_TRAINER_ID={rank}" in env_dump
@@ -151,3 +162,68 @@ def test_data_parallel_lora_synchronises_gradients(
     assert steps[:3] == [1, 2, 3]
     assert (out / PLOT_NAME).stat().st_size > 1000
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    # the losses rank 0 logs (averaged over the ranks) equal the one-process run's on the union batches
+    np.testing.assert_allclose(_logged_losses(out), _logged_losses(tmp_path / "ref"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sharding", [None, "stage1"], ids=["dp", "sharding1"])
+def test_pretraining_two_processes_equal_one_with_twice_the_batch(
+    sharding: str | None, tiny_model_factory, tmp_path: Path
+) -> None:
+    """run_pretrain.py: 2 processes x batch 2 log the same 5 losses as 1 process x batch 4 (<= 1e-5), and save
+    the same weights: the ranks read interleaved batches of the one (unshuffled) sample order."""
+    from llm.data.mmap import MMapWriter
+
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with MMapWriter(str(corpus / "random"), dtype=np.uint16) as writer:
+        for _ in range(200):
+            writer.add_document(rng.integers(4, 160, size=int(rng.integers(10, 40))))
+    flags = {
+        "model_name_or_path": tiny_model_factory("llama"),
+        "input_dir": corpus,
+        "split": "100,0,0",
+        "max_seq_length": 32,
+        "max_steps": 5,
+        "learning_rate": 1e-2,
+        "min_learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "logging_steps": 1,
+        "save_steps": 5,
+        "do_train": True,
+        "disable_tqdm": True,
+        "report_to": "none",
+        "seed": 2,
+    }
+    if sharding:
+        flags.update(sharding=sharding, sharding_parallel_degree=2)
+    argv = [part for key, value in flags.items() for part in (f"--{key}", str(value))]
+    script, out, ref, log_dir = (
+        str(ROOT / "run_pretrain.py"),
+        tmp_path / "out",
+        tmp_path / "ref",
+        tmp_path / "logs",
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        "2",
+        "--log_dir",
+        str(log_dir),
+    ]
+    _run([*launch, script, *argv, "--per_device_train_batch_size", "2", "--output_dir", str(out)], log_dir)
+    _run([sys.executable, script, *argv, "--per_device_train_batch_size", "4", "--output_dir", str(ref)])
+
+    losses, expected = _logged_losses(out), _logged_losses(ref)
+    assert len(losses) == len(expected) == 5
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-5)
+    assert expected[-1] < expected[0]
+    final, ref_final = _load(out / "model_state.pdparams"), _load(ref / "model_state.pdparams")
+    for key in ref_final:
+        np.testing.assert_allclose(final[key], ref_final[key], rtol=0, atol=1e-5, err_msg=key)
+    text = (log_dir / "workerlog.1").read_text(errors="replace")
+    assert "dataset_world_size            : 2" in text and "Training completed." in text

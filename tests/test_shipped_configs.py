@@ -30,7 +30,12 @@ def _is_finetune_config(path: Path) -> bool:
 
 
 def shipped_configs() -> list[Path]:
-    files = [p for d in MODEL_DIRS for p in sorted((REPO / d).glob("*_argument.json"))]
+    files = [
+        p
+        for d in MODEL_DIRS
+        for p in sorted((REPO / d).glob("*_argument.json"))
+        if not p.name.startswith("pretrain")
+    ]
     files += [p for p in sorted((REPO / "demo").glob("*.json")) if _is_finetune_config(p)]
     return files
 
@@ -75,3 +80,32 @@ def test_known_model_names() -> None:
     assert names["chatglm2"] == "THUDM/chatglm2-6b"
     assert names["chatglm"] == "THUDM/chatglm-6b"
     assert names["mixtral"] == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+
+PRETRAIN_FOLDERS = ("llama", "qwen", "gpt-3", "demo")
+
+
+def pretrain_configs() -> list[Path]:
+    return [p for d in PRETRAIN_FOLDERS for p in sorted((REPO / d).glob("pretrain*.json"))]
+
+
+def test_pretrain_families_ship_pretrain_configs() -> None:
+    names = {p.relative_to(REPO).as_posix() for p in pretrain_configs()}
+    for expected in (
+        "llama/pretrain-llama_7b-tp2sd4_stage2.json",
+        "llama/pretrain-llama_13b-pp4tp2sd2_stage1.json",
+        "qwen/pretrain_argument_stage2.json",
+        "gpt-3/pretrain_argument.json",
+        "demo/pretrain_argument.json",
+    ):
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", pretrain_configs(), ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_pretrain_config_is_valid(path: Path) -> None:
+    from llm.pretrain.arguments import PRETRAIN_ARGUMENT_TYPES
+
+    model, data, train = parse_arguments(PRETRAIN_ARGUMENT_TYPES, [str(path)])
+    check_static(model, None, None, train)
+    assert data.input_dir and train.output_dir.startswith("./checkpoints/")
+    assert train.max_steps > 0 and train.do_train

@@ -41,13 +41,46 @@ REQUESTED_KEYS = (
 
 
 @dataclass
-class ModelArgument:
+class ModelKnobs:
+    """The v2.8 performance switches of the fine-tuning and pretraining model arguments (copied onto the model
+    config; the GPU-only ones are accepted and have no effect on CPU)."""
+
+    use_flash_attention: bool = field(default=False, metadata={"help": "Use FlashAttention (GPU only)."})
+    use_fused_rms_norm: bool = field(default=False, metadata={"help": "Use the fused RMSNorm kernel (GPU)."})
+    fuse_attention_qkv: bool = field(default=False, metadata={"help": "Fuse the q/k/v projections."})
+    fuse_attention_ffn: bool = field(default=False, metadata={"help": "Fuse the FFN gate/up projections."})
+    recompute_granularity: str = field(
+        default="full",
+        metadata={"help": "Recompute granularity.", "choices": ["full", "full_attn", "core_attn"]},
+    )
+    virtual_pp_degree: int = field(default=1, metadata={"help": "Virtual pipeline degree (interleaved PP)."})
+    sequence_parallel: bool = field(default=False, metadata={"help": "Sequence parallelism (with TP)."})
+    fuse_sequence_parallel_allreduce: bool = field(
+        default=False, metadata={"help": "Fuse the sequence-parallel all-reduce."}
+    )
+    use_fused_rope: bool = field(default=False, metadata={"help": "Use the fused RoPE kernel (GPU)."})
+    no_recompute_layers: list[int] | None = field(
+        default=None, metadata={"help": "Layer indices to skip when recompute is on."}
+    )
+    pp_recompute_interval: int = field(
+        default=1, metadata={"help": "Recompute interval under pipeline parallel."}
+    )
+    recompute_use_reentrant: bool = field(default=False, metadata={"help": "Use the reentrant recompute."})
+    hidden_dropout_prob: float = field(
+        default=0.1, metadata={"help": "Hidden dropout, for models whose config uses it (e.g. GPT)."}
+    )
+    attention_probs_dropout_prob: float = field(
+        default=0.1, metadata={"help": "Attention dropout, for models whose config uses it (e.g. GPT)."}
+    )
+
+
+@dataclass
+class ModelArgument(ModelKnobs):
     """Which model to fine-tune and how (full / LoRA / prefix / quantized base weights)."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Built-in (community) model name or path to a local model directory."}
     )
-    use_flash_attention: bool = field(default=False, metadata={"help": "Use FlashAttention (GPU only)."})
     weight_quantize_algo: str | None = field(
         default=None,
         metadata={
@@ -111,34 +144,6 @@ class ModelArgument:
         default=False, metadata={"help": "Add NEFTune noise to the embedding output in training."}
     )
     neftune_noise_alpha: float = field(default=5.0, metadata={"help": "NEFTune noise magnitude alpha."})
-
-    # v2.8 performance knobs, copied onto the model config
-    use_fused_rms_norm: bool = field(default=False, metadata={"help": "Use the fused RMSNorm kernel (GPU)."})
-    fuse_attention_qkv: bool = field(default=False, metadata={"help": "Fuse the q/k/v projections."})
-    fuse_attention_ffn: bool = field(default=False, metadata={"help": "Fuse the FFN gate/up projections."})
-    recompute_granularity: str = field(
-        default="full",
-        metadata={"help": "Recompute granularity.", "choices": ["full", "full_attn", "core_attn"]},
-    )
-    virtual_pp_degree: int = field(default=1, metadata={"help": "Virtual pipeline degree (interleaved PP)."})
-    sequence_parallel: bool = field(default=False, metadata={"help": "Sequence parallelism (with TP)."})
-    fuse_sequence_parallel_allreduce: bool = field(
-        default=False, metadata={"help": "Fuse the sequence-parallel all-reduce."}
-    )
-    use_fused_rope: bool = field(default=False, metadata={"help": "Use the fused RoPE kernel (GPU)."})
-    no_recompute_layers: list[int] | None = field(
-        default=None, metadata={"help": "Layer indices to skip when recompute is on."}
-    )
-    pp_recompute_interval: int = field(
-        default=1, metadata={"help": "Recompute interval under pipeline parallel."}
-    )
-    recompute_use_reentrant: bool = field(default=False, metadata={"help": "Use the reentrant recompute."})
-    hidden_dropout_prob: float = field(
-        default=0.1, metadata={"help": "Hidden dropout, for models whose config uses it (e.g. GPT)."}
-    )
-    attention_probs_dropout_prob: float = field(
-        default=0.1, metadata={"help": "Attention dropout, for models whose config uses it (e.g. GPT)."}
-    )
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -391,9 +391,10 @@ def get_family(name: str) -> FamilySpec:
 
 
 def unwrap_model(obj: Any) -> Any:
-    """Strip ``DataParallel`` / ``LoRAModel`` / ``PrefixModelForCausalLM`` wrappers; return the inner model."""
+    """Strip ``DataParallel`` / fleet's ``ShardingParallel`` (any wrapper holding ``_layers``) / ``LoRAModel`` /
+    ``PrefixModelForCausalLM`` wrappers; return the inner model."""
     while True:
-        if isinstance(obj, paddle.DataParallel):
+        if isinstance(obj, paddle.nn.Layer) and isinstance(getattr(obj, "_layers", None), paddle.nn.Layer):
             obj = obj._layers
         elif isinstance(obj, LoRAModel | PrefixModelForCausalLM):
             obj = obj.model

@@ -38,7 +38,14 @@ MODEL_KEYS = (
 )
 DATA_KEYS = ("dataset_name_or_path", "src_length", "max_length", "zero_padding", "chat_template", "lazy")
 TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
-_PATH_KEYS = ("model_name_or_path", "lora_path", "prefix_path", "dataset_name_or_path", "chat_template")
+_PATH_KEYS = (
+    "model_name_or_path",
+    "lora_path",
+    "prefix_path",
+    "dataset_name_or_path",
+    "chat_template",
+    "input_dir",
+)
 
 
 def _value(key: str, value: Any) -> Any:
@@ -47,11 +54,17 @@ def _value(key: str, value: Any) -> Any:
     return value
 
 
-def run_settings(model_args: Any, data_args: Any, training_args: Any) -> dict[str, Any]:
-    """The settings a checkpoint must share with a run that resumes it (recorded in every marker)."""
+def run_settings(
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    keys: tuple[tuple[str, ...], ...] = (MODEL_KEYS, DATA_KEYS, TRAINING_KEYS),
+) -> dict[str, Any]:
+    """The settings a checkpoint must share with a run that resumes it (recorded in every marker): the
+    ``keys[i]`` fields of the i-th argument object (default: fine-tuning's)."""
     settings: dict[str, Any] = {}
-    for obj, keys in ((model_args, MODEL_KEYS), (data_args, DATA_KEYS), (training_args, TRAINING_KEYS)):
-        for key in keys:
+    for obj, names in zip((model_args, data_args, training_args), keys):
+        for key in names:
             value = getattr(obj, key, None)
             settings[key] = _value(key, value if isinstance(value, (str, int, float, bool)) else None)
     return settings

@@ -148,11 +148,11 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         )
 
     if low_bit is not None:  # the base quantized tensor by tensor as it loads (llm.lowbit)
-        model = load_low_bit_model(model_args.model_name_or_path, low_bit, dtype=_model_dtype(training_args))
+        model = load_low_bit_model(model_args.model_name_or_path, low_bit, dtype=model_dtype(training_args))
     else:
-        model = load_model(model_args.model_name_or_path, dtype=_model_dtype(training_args))
+        model = load_model(model_args.model_name_or_path, dtype=model_dtype(training_args))
     family_of(model)  # refuses unknown families with a clear message
-    model = apply_peft(model, model_args, dtype=_model_dtype(training_args))
+    model = apply_peft(model, model_args, dtype=model_dtype(training_args))
     neftune = enable_neftune(model, model_args.neftune_noise_alpha) if model_args.neftune else None
 
     if do_generation:
@@ -228,7 +228,12 @@ def _barrier(training_args: FinetuneArguments) -> None:
         paddle.distributed.barrier()
 
 
-def save_final_model(trainer: CausalLMTrainer, settings: dict[str, Any], resumed_step: int | None) -> bool:
+def save_final_model(
+    trainer: CausalLMTrainer,
+    settings: dict[str, Any],
+    resumed_step: int | None,
+    writer: str = "finetune_generation",
+) -> bool:
     """Save the trained model into ``output_dir`` through the output-path policy; returns whether it did.
 
     Every rank saves into one staging directory (a name all ranks compute alike), which rank 0 marks complete
@@ -253,7 +258,7 @@ def save_final_model(trainer: CausalLMTrainer, settings: dict[str, Any], resumed
     _barrier(args)
     if args.should_save:
         write_base_quantization(trainer.model, staging)  # a Prefix adapter names its low-bit base
-        publish(staging, out, "finetune_generation", global_step=step, run=settings)
+        publish(staging, out, writer, global_step=step, run=settings)
     _barrier(args)
     return True
 
@@ -274,7 +279,8 @@ def _save_generation_output(
     return path
 
 
-def _model_dtype(training_args: FinetuneArguments) -> str:
+def model_dtype(training_args: FinetuneArguments) -> str:
+    """The dtype the model trains in: half with ``fp16_opt_level O2``, else float32 (AMP O1)."""
     if training_args.fp16_opt_level == "O2":
         return "float16" if training_args.fp16 else "bfloat16"
     return "float32"
