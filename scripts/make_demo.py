@@ -7,7 +7,10 @@ model weights come from a fixed seed). Usage::
 
 The task ("number words") is one a ~1M-parameter model learns in a few CPU minutes:
 ``spell: 42`` -> ``forty two`` and ``digits: forty two`` -> ``42``, single- and multi-turn.
-The randomly initialised base model scores ~0 on it; fine-tuning teaches it.
+
+``--corpus FILE`` writes the pretraining corpus instead, and ``--pretrain WORKDIR`` pretrains ``<out>/model`` on
+it the way a user would (corpus -> ``python -m llm.tools.preprocess`` -> ``run_pretrain.py
+<out>/pretrain_argument.json``) and saves the result as ``<out>/model``: the shipped demo model is that result.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 import os
 import random
 import string
+import subprocess
+import sys
 
 import llm  # noqa: F401  (zlib fix before paddle)
 
@@ -32,6 +37,9 @@ CHAT_TEMPLATE = (
     "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: documents in the pretraining corpus (``--corpus``)
+CORPUS_DOCS = 20000
 MODEL_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -89,6 +97,44 @@ def make_examples(rng: random.Random, n: int, multi_turn_ratio: float = 0.25) ->
         else:
             examples.append({"src": src, "tgt": tgt})
     return examples
+
+
+def make_fact(rng: random.Random) -> str:
+    """One sentence relating numbers and their words (the pretraining corpus's unit)."""
+    n = rng.randrange(1000)
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"{n} is {spell(n)}."
+    if kind == 1:
+        return f"{spell(n)} is {n}."
+    start = rng.randrange(998)
+    run = range(start, min(start + rng.randrange(3, 7), 1000))
+    if kind == 2:
+        return ", ".join(spell(k) for k in run) + "."
+    return ", ".join(str(k) for k in run) + "."
+
+
+def make_chat(rng: random.Random) -> str:
+    """A short chat transcript in the tokenizer's chat format: a number one way, the reply the other way."""
+    turns = []
+    for _ in range(rng.randrange(1, 4)):
+        n = rng.randrange(1000)
+        question, reply = (str(n), spell(n)) if rng.random() < 0.5 else (spell(n), str(n))
+        turns.append(f"<|user|>{question}<|assistant|>{reply}</s>")
+    return "<s>" + "".join(turns)
+
+
+def make_corpus(rng: random.Random, n_docs: int) -> list[dict]:
+    """``n_docs`` pretraining documents ``{"text": ...}``: prose of 4-12 number facts, or (one in two) a chat
+    transcript converting bare numbers (the demo task without its ``spell:`` / ``digits:`` prompts)."""
+    return [
+        {
+            "text": make_chat(rng)
+            if rng.random() < 0.5
+            else " ".join(make_fact(rng) for _ in range(rng.randrange(4, 13)))
+        }
+        for _ in range(n_docs)
+    ]
 
 
 def build_tokenizer(corpus: list[str]):
@@ -158,18 +204,68 @@ def write_model(out_dir: str, vocab_size: int, seed: int = 0) -> None:
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
+    write_generation_config(out_dir)
+
+
+def write_generation_config(out_dir: str) -> None:
+    """The demo's generation defaults (``save_pretrained`` would write paddlenlp's own)."""
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "max_length": 32}, f, indent=2)
         f.write("\n")
 
 
+def _run(cmd: list[str]) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def pretrain(out: str, workdir: str, n_docs: int) -> None:
+    """Pretrain ``<out>/model`` from its config on the generated corpus, the way a user would, and save the
+    result back into ``<out>/model`` (safetensors): corpus -> ``llm.tools.preprocess`` -> ``run_pretrain.py``."""
+    model_dir = os.path.join(out, "model")
+    corpus = os.path.join(workdir, "corpus.jsonl")
+    os.makedirs(workdir, exist_ok=True)
+    write_jsonl(corpus, make_corpus(random.Random(4321), n_docs))
+    tokens, trained = os.path.join(workdir, "tokens"), os.path.join(workdir, "pretrain")
+    os.makedirs(tokens, exist_ok=True)
+    python = sys.executable
+    _run([python, "-m", "llm.tools.preprocess", "--model_name", model_dir, "--input_path", corpus,
+          "--output_prefix", os.path.join(tokens, "demo"), "--append_eos", "--workers", "2"])  # fmt: skip
+    _run([python, os.path.join(ROOT, "run_pretrain.py"), os.path.join(out, "pretrain_argument.json"), "--model_name_or_path",
+          model_dir, "--input_dir", tokens, "--output_dir", trained, "--overwrite_output_dir", "true"])  # fmt: skip
+    from paddlenlp.transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(trained)
+    for name in ("model.safetensors", "model_state.pdparams", "config.json"):
+        if os.path.exists(os.path.join(model_dir, name)):
+            os.remove(os.path.join(model_dir, name))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    write_generation_config(model_dir)
+    print(f"wrote the pretrained {model_dir} (from {trained})")
+
+
 def main() -> None:
-    """Write ``<out>/model`` and ``<out>/data``."""
+    """Write ``<out>/model`` and ``<out>/data``; or the pretraining corpus; or pretrain ``<out>/model``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo")
     parser.add_argument("--train_size", type=int, default=4000)
     parser.add_argument("--eval_size", type=int, default=200)
+    parser.add_argument(
+        "--corpus", metavar="FILE", help="only write the pretraining corpus (JSON lines) to FILE"
+    )
+    parser.add_argument("--corpus_docs", type=int, default=CORPUS_DOCS, help="documents in the corpus")
+    parser.add_argument(
+        "--pretrain", metavar="WORKDIR", help="pretrain <out>/model on the corpus (work files in WORKDIR)"
+    )
     args = parser.parse_args()
+    if args.corpus:
+        os.makedirs(os.path.dirname(os.path.abspath(args.corpus)), exist_ok=True)
+        write_jsonl(args.corpus, make_corpus(random.Random(4321), args.corpus_docs))
+        print(f"wrote {args.corpus_docs} documents to {args.corpus}")
+        return
+    if args.pretrain:
+        pretrain(args.out, args.pretrain, args.corpus_docs)
+        return
 
     model_dir, data_dir = os.path.join(args.out, "model"), os.path.join(args.out, "data")
     os.makedirs(model_dir, exist_ok=True)

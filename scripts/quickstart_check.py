@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if "base" in results:
         base = results["base"]
         print(
-            f"| demo base model (random init) | {base['token_accuracy']:.3f} | {base['exact_match']:.2f} | — |"
+            f"| demo base model (pretrained, no fine-tuning) | {base['token_accuracy']:.3f} | {base['exact_match']:.2f} | — |"
         )
     sft = results["sft"]
     label = f"after `{ARGS_FILE}` ({sft['epochs']:g} epochs, {sft['steps']} steps)"

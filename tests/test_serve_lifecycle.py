@@ -38,7 +38,8 @@ except ImportError:  # tests/ imported as a package
 
 pytestmark = pytest.mark.timeout(600)
 
-LONG = {"model": "model", "prompt": "spell: 342", "max_tokens": 190, "stream": True}
+# a prompt the demo model continues (counting) for longer than max_tokens: the stream ends by "length"
+LONG = {"model": "model", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 190, "stream": True}
 
 
 def stream_events(port: int, body: dict[str, Any], first: threading.Event | None = None) -> list[Any]:

@@ -332,7 +332,7 @@ def test_chat_send_regenerate_rollback_in_browser(
     stack: dict[str, Any], browser: Any, tmp_path: Path
 ) -> None:
     api_url = stack["api_url"]
-    u1, u2 = "spell: 342", "digits: seventy one"
+    u1, u2 = "spell: 342", "spell: 777"  # replies of 4 tokens: max_length SHORT cuts the second one
     b1 = direct_reply(api_url, u1, [])
     b2 = direct_reply(api_url, u2, [u1, b1])  # the UI must send turn 1 as history, and turn 2 only as context
     b2_short = direct_reply(api_url, u2, [u1, b1], max_length=SHORT)

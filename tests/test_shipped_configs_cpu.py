@@ -1,4 +1,5 @@
-"""Every shipped per-model argument JSON runs on CPU with exactly the README's override line.
+"""Every shipped per-model argument JSON runs on CPU with exactly the README's override line (the fine-tuning
+files through finetune_generation's workflow, the pretraining files through run_pretrain's).
 
 Test-only overrides on top: the tiny model of the folder's family, the fixture dataset, a temporary
 output directory, ``--max_steps 1`` (two calibration steps for PTQ / GPTQ) and short lengths. Files the
@@ -46,7 +47,17 @@ def readme_cpu_overrides() -> list[str]:
 
 
 def shipped_files() -> list[str]:
-    return [str(p.relative_to(REPO)) for d in FAMILY for p in sorted((REPO / d).glob("*_argument.json"))]
+    """The fine-tuning argument files (``pretrain*.json`` are run_pretrain's, tested below)."""
+    return [
+        str(p.relative_to(REPO))
+        for d in FAMILY
+        for p in sorted((REPO / d).glob("*_argument.json"))
+        if not p.name.startswith("pretrain")
+    ]
+
+
+def pretrain_files() -> list[str]:
+    return [str(p.relative_to(REPO)) for d in FAMILY for p in sorted((REPO / d).glob("pretrain*.json"))]
 
 
 def _expected_refusal(rel: str) -> str | None:
@@ -121,3 +132,40 @@ def test_shipped_config_runs_on_cpu(
         assert saved["weight_quantize_algo"] == raw["weight_quantize_algo"]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
     assert metrics["train_loss"] > 0 and "eval_loss" in metrics  # the files' do_eval ran too
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+
+    from llm.data.mmap import MMapWriter
+
+    folder = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    with MMapWriter(str(folder / "random"), dtype=np.uint16) as writer:
+        for _ in range(1000):  # "949,50,1" leaves the test split one document
+            writer.add_document(rng.integers(4, 160, size=40))
+    return folder
+
+
+@pytest.mark.parametrize("rel", pretrain_files())
+def test_shipped_pretrain_config_runs_on_cpu(
+    rel: str, tiny_model_factory, token_dir: Path, tmp_path: Path
+) -> None:
+    from llm.pretrain.run import run
+
+    model_dir = tiny_model_factory(FAMILY[rel.split("/")[0]])
+    out = tmp_path / "out"
+    argv = [str(REPO / rel), *readme_cpu_overrides(), "--model_name_or_path", str(model_dir)]
+    argv += [
+        "--tokenizer_name_or_path",
+        str(model_dir),
+        "--input_dir",
+        str(token_dir),
+        "--output_dir",
+        str(out),
+    ]
+    argv += ["--max_steps", "1", "--max_seq_length", "16"]
+    metrics = run(argv)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert metrics["train_loss"] > 0 and "eval_loss" in metrics and "test_loss" in metrics

@@ -290,6 +290,13 @@ class FinetuneArguments(TrainingArguments):
         default=False,
         metadata={"help": "Autotuner benchmark: 5 steps, no eval/save/predict, overwrite the output dir."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Check the whole configuration, print the parallel layout (ranks -> dp/pp/sharding/tp groups, "
+            "per-rank parameters and memory estimate) and exit without loading weights or training."
+        },
+    )
     # Redeclared: paddlenlp defaults to "gpu"; None means "gpu if paddle has CUDA, else cpu".
     device: str | None = field(
         default=None,
@@ -307,7 +314,11 @@ class FinetuneArguments(TrainingArguments):
             raise ConfigError("fp16 and bf16 are both enabled; choose one of --fp16 or --bf16")
         self.requested: dict[str, Any] = {key: getattr(self, key) for key in REQUESTED_KEYS}
         check_ranges(self)  # before paddlenlp's __post_init__ reads (and resets) the values
-        if paddle.distributed.get_world_size() > 1 and not paddle.is_compiled_with_cuda():
+        if (
+            paddle.distributed.get_world_size() > 1
+            and not paddle.is_compiled_with_cuda()
+            and not self.dry_run
+        ):
             # paddlenlp would call fleet.init for hybrid parallel here and fail obscurely on CPU.
             from llm.config.checks import check_device_support
 

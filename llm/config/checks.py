@@ -313,7 +313,7 @@ def check_device_support(training_args: Any, cuda_available: bool | None = None)
         import paddle
 
         cuda_available = paddle.is_compiled_with_cuda()
-    if cuda_available:
+    if cuda_available or _get(training_args, "dry_run"):  # a dry run reports GPU-only layouts instead
         return
     req = dict(getattr(training_args, "requested", None) or {})
 

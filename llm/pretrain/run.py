@@ -18,6 +18,8 @@ from paddlenlp.utils.log import logger
 import llm  # noqa: F401  (zlib fix before paddle)
 from llm.config import check_static, parse_arguments
 from llm.config.checks import check_device_support, check_training_dtype, read_model_type, resolve_model_dir
+from llm.data.mmap import MMapTokens
+from llm.distributed import check_parallel
 from llm.errors import ConfigError, exit_on_user_error
 from llm.fileio import read_json, write_json
 from llm.model import build_model, family_of, load_model
@@ -33,7 +35,7 @@ from .arguments import (
     PreTrainingArguments,
     PretrainModelArguments,
 )
-from .dataset import SPLIT_NAMES, BuildOptions, build_datasets, target_sample_counts
+from .dataset import SPLIT_NAMES, BuildOptions, build_datasets, parse_input_dir, target_sample_counts
 from .trainer import PretrainingTrainer, collate_tokens
 
 #: model types run_pretrain.py trains (the seed's Pretrain column)
@@ -60,9 +62,10 @@ def check_pretrain(
         raise ConfigError(
             "pretraining runs for a number of steps, not epochs: set --max_steps to a positive number"
         )
-    if not getattr(training_args, "dry_run", False):
-        check_device_support(training_args)
+    check_device_support(training_args)
     check_training_dtype(training_args)
+    for _weight, prefix in parse_input_dir(data_args.input_dir):  # every token file opens (headers only)
+        MMapTokens(prefix)
     model_type = read_model_type(model_args.model_name_or_path)
     if model_type not in PRETRAIN_MODEL_TYPES:
         raise ConfigError(
@@ -119,10 +122,8 @@ def run(argv: list[str] | None = None) -> dict[str, float]:
 def _run(argv: list[str] | None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(PRETRAIN_ARGUMENT_TYPES, argv)
     check_pretrain(model_args, data_args, training_args)
-    if getattr(training_args, "dry_run", False):
-        from llm.distributed import report_layout
-
-        report_layout(training_args, model_args.model_name_or_path)
+    check_parallel(training_args, model_args)
+    if training_args.dry_run:
         return {}
     check_output_path(
         training_args.output_dir,

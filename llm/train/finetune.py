@@ -28,6 +28,7 @@ from llm.config import (
     parse_arguments,
 )
 from llm.data import DataCollator, load_split
+from llm.distributed import check_parallel
 from llm.errors import ConfigError, exit_on_user_error
 from llm.fileio import staged_file, write_json
 from llm.lowbit import LowBitSpec, check_low_bit_training, load_low_bit_model, write_base_quantization
@@ -83,6 +84,9 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     gen_args, quant_args, model_args, data_args, training_args = parse_arguments(ARGUMENT_TYPES, argv)
     check_static(model_args, data_args, quant_args, training_args)
     check_runtime(model_args, data_args, quant_args, training_args)
+    check_parallel(training_args, model_args)  # world = dp x pp x sharding x tp, heads / layers divisible ...
+    if training_args.dry_run:
+        return {}
     if quant_args.do_qat:
         raise ConfigError(
             "quantization-aware training (do_qat) is not part of this release yet; post-training quantization is "
