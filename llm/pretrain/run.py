@@ -27,7 +27,7 @@ from llm.outputs import check_output_path
 from llm.tokenizer import load_tokenizer
 from llm.train.callbacks import CheckpointMarkerCallback, MetricsLogCallback
 from llm.train.checkpoint import checkpoint_step, choose_resume, run_settings
-from llm.train.finetune import _print_arguments, _train, model_dtype, save_final_model
+from llm.train.finetune import barrier, model_dtype, print_arguments, save_final_model, train_or_resume
 
 from .arguments import (
     PRETRAIN_ARGUMENT_TYPES,
@@ -101,11 +101,6 @@ def pretrain_config(model_args: PretrainModelArguments, data_args: PretrainDataA
     return config
 
 
-def _barrier(training_args: PreTrainingArguments) -> None:
-    if training_args.world_size > 1:
-        paddle.distributed.barrier()
-
-
 def _log_samples(datasets: list[Any], tokenizer: Any) -> None:
     for name, dataset in zip(SPLIT_NAMES, datasets):
         if dataset is not None and len(dataset):
@@ -133,7 +128,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     )
     settings = run_settings(model_args, data_args, training_args, keys=PRETRAIN_KEYS)
     resume = choose_resume(training_args, settings) if training_args.do_train else None
-    _print_arguments((model_args, data_args))
+    print_arguments((model_args, data_args))
     logger.info(
         f"rank {training_args.process_index}, device {training_args.device}, world_size {training_args.world_size}"
     )
@@ -164,7 +159,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
         seed=args.seed,
         data_cache=data_args.data_cache,
         builder=args.process_index == 0 if data_args.share_folder else args.local_process_index == 0,
-        barrier=lambda: _barrier(args),
+        barrier=lambda: barrier(args),
     )
     train_ds, valid_ds, test_ds = build_datasets(options, counts)
     _log_samples([train_ds, valid_ds, test_ds], tokenizer)
@@ -189,7 +184,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if args.do_train:
-        train_result = _train(trainer, resume)
+        train_result = train_or_resume(trainer, resume)
         saved = save_final_model(
             trainer, settings, resumed_step=checkpoint_step(resume) if resume else None, writer="run_pretrain"
         )

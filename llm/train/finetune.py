@@ -46,7 +46,8 @@ from .trainer import CausalLMTrainer, ListDataset
 ARGUMENT_TYPES = (GenerateArgument, QuantArgument, ModelArgument, DataArgument, FinetuneArguments)
 
 
-def _print_arguments(groups: tuple) -> None:
+def print_arguments(groups: tuple) -> None:
+    """Log every field of each argument dataclass, PaddleNLP-style (one block per class)."""
     for group in groups:
         logger.info(f"{'=' * 20} {type(group).__name__} {'=' * 20}")
         for key, value in sorted(vars(group).items()):
@@ -96,7 +97,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     if low_bit is not None and not (quant_args.do_ptq or quant_args.do_gptq):
         check_low_bit_training(model_args)
     if quant_args.do_ptq or quant_args.do_gptq:
-        _print_arguments((model_args, data_args, quant_args))
+        print_arguments((model_args, data_args, quant_args))
         set_seed(training_args.seed)
         return run_quantization(
             model_args,
@@ -118,7 +119,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     )
     settings = run_settings(model_args, data_args, training_args)
     resume = choose_resume(training_args, settings) if training_args.do_train else None
-    _print_arguments((model_args, data_args, quant_args, gen_args))
+    print_arguments((model_args, data_args, quant_args, gen_args))
     logger.info(
         f"rank {training_args.process_index}, device {training_args.device}, "
         f"world_size {training_args.world_size}"
@@ -186,7 +187,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
 
     results: dict[str, float] = {}
     if training_args.do_train:
-        train_result = _train(trainer, resume)
+        train_result = train_or_resume(trainer, resume)
         if neftune is not None:
             neftune.remove()
         saved = save_final_model(trainer, settings, resumed_step=checkpoint_step(resume) if resume else None)
@@ -212,7 +213,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     return results
 
 
-def _train(trainer: CausalLMTrainer, resume: str | None) -> Any:
+def train_or_resume(trainer: CausalLMTrainer, resume: str | None) -> Any:
     """``trainer.train``, except that resuming at or past ``max_steps`` trains nothing and returns None.
 
     paddlenlp checks ``max_steps`` only after a step, so a checkpoint taken mid-epoch at ``max_steps`` would be
@@ -227,7 +228,8 @@ def _train(trainer: CausalLMTrainer, resume: str | None) -> Any:
     return None
 
 
-def _barrier(training_args: FinetuneArguments) -> None:
+def barrier(training_args: FinetuneArguments) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if training_args.world_size > 1:
         paddle.distributed.barrier()
 
@@ -256,14 +258,14 @@ def save_final_model(
     key = f"final-{step}"
     if args.should_save:
         new_staging_dir(out, key=key)
-    _barrier(args)
+    barrier(args)
     staging = staging_path(out, key)
     trainer.save_model(output_dir=staging, merge_tensor_parallel=args.tensor_parallel_degree > 1)
-    _barrier(args)
+    barrier(args)
     if args.should_save:
         write_base_quantization(trainer.model, staging)  # a Prefix adapter names its low-bit base
         publish(staging, out, writer, global_step=step, run=settings)
-    _barrier(args)
+    barrier(args)
     return True
 
 
