@@ -30,16 +30,18 @@ from conftest import ROOT
 from llm.train.callbacks import LOG_NAME, PLOT_NAME
 
 WORKER = ROOT / "tests" / "dp_worker.py"
-BATCH, STEPS, EXAMPLES = 4, 3, 32  # 2 ranks x 4 rows x 3 steps = 24 of 32 examples, all within epoch 0
+BATCH, STEPS, EXAMPLES = 4, 5, 48  # 2 ranks x 4 rows x 5 steps = 40 of 48 examples, all within epoch 0
 
 
 def _digits_data(path: Path) -> Path:
-    """32 single-turn ``digits: <words>`` -> 3-digit examples from the demo data (4 supervised tokens each)."""
+    """48 distinct single-turn ``digits: <words>`` -> 3-digit examples from the demo data (4 supervised tokens
+    each)."""
     rows = []
     for line in (ROOT / "demo" / "data" / "train.json").read_text().splitlines():
         row = json.loads(line)
         if isinstance(row["src"], str) and row["src"].startswith("digits:") and len(row["tgt"]) == 3:
-            rows.append(line)
+            if line not in rows:
+                rows.append(line)
     path.mkdir()
     (path / "train.json").write_text("\n".join(rows[:EXAMPLES]) + "\n")
     return path
@@ -161,7 +163,7 @@ def test_data_parallel_lora_synchronises_gradients(
     steps = [json.loads(line)["step"] for line in (out / LOG_NAME).read_text().splitlines()]
     assert steps[:3] == [1, 2, 3]
     assert (out / PLOT_NAME).stat().st_size > 1000
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == STEPS
     # the losses rank 0 logs (averaged over the ranks) equal the one-process run's on the union batches
     np.testing.assert_allclose(_logged_losses(out), _logged_losses(tmp_path / "ref"), rtol=0, atol=1e-5)
 
