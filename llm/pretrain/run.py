@@ -146,7 +146,7 @@ def _run(argv: list[str] | None) -> dict[str, float]:
     )
     counts = [
         counts[0] if args.do_train else 0,
-        counts[1] if args.do_train and args.do_eval or args.do_eval else 0,
+        counts[1] if args.do_eval else 0,
         counts[2] if args.do_predict else 0,
     ]
     logger.info(" > datasets target sizes (minimum size):")
