@@ -14,7 +14,7 @@ from llm import runtime
 PROBE = (
     "import json, os, {first}, {second}; print(json.dumps({{"
     "'stride': paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'], "
-    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ['MKL_DEBUG_CPU_TYPE'], "
+    "'omp': os.environ['OMP_NUM_THREADS'], 'mkl': os.environ.get('MKL_DEBUG_CPU_TYPE'), "
     "'wait': os.environ['OMP_WAIT_POLICY']}}))"
 )
 
@@ -34,7 +34,20 @@ def _probe(order: tuple[str, str] = ("llm", "paddle"), **env: str) -> dict:
 
 def test_defaults_are_set_before_paddle_loads() -> None:
     got = _probe()
-    assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": "5", "wait": "PASSIVE"}
+    mkl = runtime.mkl_cpu_type(runtime.cpu_vendor())
+    assert got == {"stride": False, "omp": str(runtime.cpu_count()), "mkl": mkl, "wait": "PASSIVE"}
+
+
+def test_mkl_avx2_path_is_forced_on_amd_only(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
+    assert runtime.cpu_vendor(str(info)) == "AuthenticAMD"
+    assert runtime.mkl_cpu_type("AuthenticAMD") == "5"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert runtime.cpu_vendor(str(info)) == "GenuineIntel"
+    assert runtime.mkl_cpu_type("GenuineIntel") is None
+    assert runtime.cpu_vendor(str(tmp_path / "missing")) is None
+    assert runtime.mkl_cpu_type(None) is None
 
 
 def test_stride_default_applies_when_paddle_was_imported_first() -> None:
