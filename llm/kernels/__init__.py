@@ -62,6 +62,12 @@ def _ops() -> Any:
     return _state["ops"] if _state["tried"] else _load()
 
 
+def training_ops() -> Any:
+    """The custom ops for the fused training forward (:mod:`llm.model.fused`), or None (not built / loaded,
+    ``LLM_KERNELS=0``, forced fallback, static-graph mode)."""
+    return _ops()
+
+
 def available() -> bool:
     """Whether the custom ops are built and loaded (builds them on first call; never raises)."""
     return _load() is not None

@@ -29,9 +29,18 @@ from typing import Any
 
 NAME = "llm_kernels_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cc", "fused.cc", "step.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
+SOURCES = ("ops.cc", "fused.cc", "train.cc", "step.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
 HEADERS = ("kernels.h", "dispatch.h", "elementwise.h", "impl.h", "pool.h")
-CXXFLAGS = ["-O3", "-g0", "-std=c++17", "-pthread", "-fno-math-errno", "-Wno-unused-parameter"]
+CXXFLAGS = [
+    "-O3",
+    "-g0",
+    "-std=c++17",
+    "-pthread",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+    "-Wno-unused-parameter",
+]
 OPS = (
     "llm_linear_kn",
     "llm_linear_nk",
@@ -40,6 +49,11 @@ OPS = (
     "llm_rms_norm",
     "llm_swiglu",
     "llm_rope_qkv",
+    "llm_rms_norm_train",
+    "llm_swiglu_train",
+    "llm_softmax_ce",
+    "llm_rope_train",
+    "llm_softmax_mask_train",
     "llm_attend_decode",
     "llm_decode_step",
     "llm_kernels_config",
@@ -206,6 +220,21 @@ class Ops:
 
     def llm_rope_qkv(self, qkv: Any, cos: Any, sin: Any, heads: int, q_scale: float) -> list[Any]:
         return self._run("llm_rope_qkv", qkv, cos, sin, int(heads), float(q_scale))
+
+    def llm_rms_norm_train(self, x: Any, w: Any, eps: float) -> Any:
+        return self._run("llm_rms_norm_train", x, w, float(eps))[0]
+
+    def llm_swiglu_train(self, g: Any, u: Any) -> Any:
+        return self._run("llm_swiglu_train", g, u)[0]
+
+    def llm_softmax_ce(self, logits: Any, labels: Any, scale: float) -> list[Any]:
+        return self._run("llm_softmax_ce", logits, labels, float(scale))
+
+    def llm_rope_train(self, x: Any, cos: Any, sin: Any) -> Any:
+        return self._run("llm_rope_train", x, cos, sin)[0]
+
+    def llm_softmax_mask_train(self, x: Any, mask: Any, scale: float) -> Any:
+        return self._run("llm_softmax_mask_train", x, mask, float(scale))[0]
 
     def llm_attend_decode(
         self, q: Any, k: Any, v: Any, pk: Any, pv: Any, bias: Any, col: int, span: int

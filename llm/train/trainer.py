@@ -13,8 +13,10 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer import TRAINER_STATE_NAME
 from paddlenlp.trainer.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from paddlenlp.trainer.utils.helper import distributed_isfile
+from paddlenlp.utils.log import logger
 
 from llm.model import forward_loss
+from llm.model.fused import enable_fused_training
 from llm.model.recompute import prepare_recompute
 from llm.outputs import mark_in_progress
 
@@ -65,6 +67,11 @@ class CausalLMTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         prepare_recompute(self.model, self.args)  # CPU RNG-preserving recompute; off for models without it
+        fused = enable_fused_training(
+            self.model
+        )  # CPU float32 LLaMA pieces on the toolkit's training kernels
+        if fused:
+            logger.info(f"fused training forward: {fused}")
         self.do_generation = do_generation
         self.gen_kwargs = gen_kwargs or {}
 
