@@ -183,6 +183,30 @@ def test_tile_plan_segments_and_refusal() -> None:
     assert plan == [[(0, 3, 0), (3, 6, 0), (6, 8, 0)]]
 
 
+def test_left_padded_batch_matches() -> None:
+    """Left padding (generation-style eval sets pad training batches on the left too): the padding rows'
+    queries see no key at all, and softmax gives them the uniform distribution, not NaN."""
+    batch = _batch()
+    mask = np.ones((2, 24), dtype="int64")
+    mask[0, :6] = 0
+    labels = batch["labels"].numpy()
+    labels[0, :6] = -100
+    batch.update(attention_mask=paddle.to_tensor(mask), labels=paddle.to_tensor(labels))
+    reference = _loss_and_grads(_model(), batch)
+    model = _model()
+    fused.enable_fused_training(model)
+    got = _loss_and_grads(model, batch)
+    assert all(np.isfinite(g).all() for g in got[1].values())
+    _assert_same(reference, got)
+
+
+def test_return_dict_is_honoured() -> None:
+    model = _model()
+    fused.enable_fused_training(model)
+    assert isinstance(model(**_batch(), return_dict=False), tuple)
+    assert model(**_batch(), return_dict=True)["loss"].shape == []
+
+
 def test_original_forward_outside_training() -> None:
     batch = _batch()
     reference, model = _model(), _model()

@@ -16,7 +16,7 @@ except ImportError:  # tests/ imported as a package
     from tests import helpers_tokenizer as h
 
 
-def test_greedy_packing_rules():
+def test_packing_rules():
     feats = [{"input_ids": [n] * n, "labels": [n] * n} for n in (5, 4, 3, 6, 12, 2)]
     packs = pack_features(feats, 10)
     assert [segment_lengths(p["position_ids"]) for p in packs] == [[5, 4], [3, 6], [12], [2]]
@@ -27,6 +27,11 @@ def test_greedy_packing_rules():
     assert mask.dtype == bool and np.array_equal(mask, block_causal_mask([5, 4]))
     assert mask[:5, :5].sum() == 15 and not mask[5:, :5].any() and not mask[:5, 5:].any()
     assert np.array_equal(mask[5:, 5:], np.tri(4, dtype=bool))
+    # best fit: 2 goes to the open pack with the least room that fits it (7 has 3 left, 6 has 4), 3 to the
+    # pack of 6, and 1 to the first of the two packs with 1 left; greedy in order: [7] [6, 2] [3, 1, 4]
+    feats = [{"input_ids": [n] * n, "labels": [n] * n} for n in (7, 6, 2, 3, 1, 4)]
+    packs = pack_features(feats, 10)
+    assert [segment_lengths(p["position_ids"]) for p in packs] == [[7, 2, 1], [6, 3], [4]]
     with pytest.raises(ValueError, match="training features"):
         pack_features([{"input_ids": [1, 2], "labels": [3]}], 10)
 
@@ -97,15 +102,24 @@ def test_packed_loss_matches_unpacked(setup):
     max_length = max(len(f["input_ids"]) for f in feats) + 20
     packs = pack_features(feats, max_length)
     assert 1 < len(packs) < len(feats)  # at least one pack holds several examples, and rows need padding
-    rows, i = [], 0
+    rows, order = [], []  # the features of each pack, found by their tokens (best fit may skip ahead)
     for p in packs:
-        k = len(segment_lengths(p["position_ids"]))
-        rows.append(feats[i : i + k])
-        i += k
+        row, start = [], 0
+        for n in segment_lengths(p["position_ids"]):
+            index = next(
+                i
+                for i, f in enumerate(feats)
+                if i not in order and f["input_ids"] == p["input_ids"][start : start + n]
+            )
+            order.append(index)
+            row.append(feats[index])
+            start += n
+        rows.append(row)
+    assert sorted(order) == list(range(len(feats)))
     batch = DataCollator(tok, pad_to_multiple_of=8)(packs)
     assert batch["attention_mask"].ndim == 4 and batch["attention_mask"].dtype == bool
     got = _packed_losses(paddle, model, batch, rows)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, ref[order], rtol=0, atol=1e-5)
     # the model's own loss on the packed batch (padding rows add nothing) is the token mean of the
     # unpacked per-example CE sums
     with paddle.no_grad():
@@ -129,7 +143,7 @@ def test_packed_loss_matches_unpacked(setup):
             n = len(f["input_ids"])
             out.append(_token_ce_sum(paddle, logits[row, start : start + n], f["labels"]))
             start += n
-    np.testing.assert_allclose(np.array(out), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.array(out), ref[order], rtol=0, atol=1e-5)
 
 
 def _example_logits(paddle, model, batch, lengths, **drop):

@@ -58,8 +58,10 @@ def _override(layer: paddle.nn.Layer, fused: Callable[..., Any]) -> None:
     def forward(self: paddle.nn.Layer, *args: Any, **kwargs: Any) -> Any:
         return fused(self, original, *args, **kwargs)
 
-    layer.forward = types.MethodType(forward, layer)
-    layer._llm_fused = True
+    # straight into the instance dict: paddlenlp's PretrainedModel.__setattr__ would wrap a (*args, **kwargs)
+    # forward and drop its return_dict / output_attentions / output_hidden_states arguments
+    layer.__dict__["forward"] = types.MethodType(forward, layer)
+    layer.__dict__["_llm_fused"] = True
 
 
 # ------------------------------------------------------------------------------------------------- layers
@@ -304,5 +306,5 @@ def enable_fused_training(model: paddle.nn.Layer) -> dict[str, int]:
         bound = layer.__dict__.get("forward")  # model.forward) get the fused one
         target = getattr(bound, "__self__", None)
         if target is not None and target is not layer and getattr(target, "_llm_fused", False):
-            layer.forward = target.forward
+            layer.__dict__["forward"] = target.forward
     return counts

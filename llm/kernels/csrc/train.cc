@@ -120,7 +120,7 @@ LLM_CLONES void rope_grad_row(const float* dy, const float* c, const float* sn, 
 }
 
 LLM_CLONES void softmax_mask_row(const float* x, const float* m, int64_t t, float scale, float* y) {
-  float mx = -3.4e38f;
+  float mx = x[0] * scale + m[0];  // an element (not a constant): a fully masked row gets the uniform softmax
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < t; ++i) {
     const float z = x[i] * scale + m[i];
