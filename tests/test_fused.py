@@ -151,6 +151,17 @@ def _packed_batch() -> dict[str, paddle.Tensor]:
     return batch
 
 
+def test_scaled_loss_gradients_scale() -> None:
+    """A loss multiplied before backward (loss scaling, gradient accumulation) scales the fused gradients."""
+    model = _model()
+    fused.enable_fused_training(model)
+    (model(**_batch())[0] * 3.0).backward()
+    scaled = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+    reference = _loss_and_grads(_model(), _batch())[1]
+    for name, grad in reference.items():
+        np.testing.assert_allclose(scaled[name], 3.0 * grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("tile", [256, 4])
 def test_zero_padding_batch_matches(monkeypatch, tile: int) -> None:
     monkeypatch.setattr(tiled_attention.tile_plan, "__defaults__", (tile,))
@@ -161,9 +172,10 @@ def test_zero_padding_batch_matches(monkeypatch, tile: int) -> None:
     _assert_same(reference, _loss_and_grads(model, batch))
 
 
-def test_causal_rows_in_query_tiles_match(monkeypatch) -> None:
+@pytest.mark.parametrize("rows", [1, 2])
+def test_causal_rows_in_query_tiles_match(monkeypatch, rows: int) -> None:
     monkeypatch.setattr(tiled_attention.tile_plan, "__defaults__", (5,))  # 24 tokens: tiles of 5 queries
-    batch = _batch()
+    batch = _batch(batch=rows)
     reference = _loss_and_grads(_model(), batch)
     model = _model()
     fused.enable_fused_training(model)

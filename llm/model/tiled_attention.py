@@ -99,9 +99,8 @@ def tiled_attention(
     kv_heads = int(key.shape[1])
     group = heads // kv_heads
     rows = []
-    for b, (q_row, k_row, v_row, tiles) in enumerate(
-        zip(paddle.unbind(query), paddle.unbind(key), paddle.unbind(value), plans)
-    ):
+    split = (lambda t: [t[0]]) if len(plans) == 1 else paddle.unbind  # batch 1: no unbind / stack
+    for b, (q_row, k_row, v_row, tiles) in enumerate(zip(split(query), split(key), split(value), plans)):
         mask_row = mask[b : b + 1] if mask.shape[0] > 1 else mask
         q_tiles = paddle.split(q_row, [e - a for a, e, _ in tiles], axis=1)  # tiles partition the queries
         outs = []
@@ -114,4 +113,4 @@ def tiled_attention(
             )
             outs.append(paddle.matmul(probs.reshape([kv_heads, group * n, m]), v).reshape([heads, n, dim]))
         rows.append(paddle.concat(outs, axis=1) if len(outs) > 1 else outs[0])
-    return paddle.stack(rows)
+    return rows[0].unsqueeze(0) if len(rows) == 1 else paddle.stack(rows)
