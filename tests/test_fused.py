@@ -107,6 +107,20 @@ def test_full_sft_loss_and_gradients_match_paddlenlp() -> None:
     _assert_same(reference, _loss_and_grads(model, _batch()))
 
 
+def test_mixtral_rms_norms_match_paddlenlp() -> None:
+    """Other families' RMSNorm layers of the same form are fused too (mixtral: only those)."""
+
+    def model() -> paddle.nn.Layer:
+        m = build_model(tiny_config("mixtral", vocab_size=VOCAB), seed=0)
+        m.train()
+        return m
+
+    reference = _loss_and_grads(model(), _batch())
+    fused_model = model()
+    assert fused.enable_fused_training(fused_model) == {"rms_norm": 5}
+    _assert_same(reference, _loss_and_grads(fused_model, _batch()))
+
+
 def test_lora_loss_and_gradients_match_paddlenlp() -> None:
     reference = _loss_and_grads(_model(lora=True), _batch())
     model = _model(lora=True)
