@@ -30,7 +30,7 @@ from typing import Any
 NAME = "llm_kernels_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cc", "fused.cc", "train.cc", "step.cc", "pool.cc", "avx512.cc", "avx2.cc", "scalar.cc")
-HEADERS = ("kernels.h", "dispatch.h", "elementwise.h", "impl.h", "pool.h")
+HEADERS = ("kernels.h", "dispatch.h", "elementwise.h", "impl.h", "pool.h", "tensor_checks.h")
 CXXFLAGS = [
     "-O3",
     "-g0",

@@ -12,21 +12,14 @@
 
 #include "elementwise.h"
 #include "paddle/extension.h"
+#include "tensor_checks.h"
 
 using paddle::DataType;
 
 namespace {
 
-int64_t rows_of(const std::vector<int64_t>& shape) {
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) m *= shape[i];
-  return m;
-}
-
-void check_f32(const paddle::Tensor& t, const char* op, const char* what) {
-  PD_CHECK(t.is_cpu(), op, ": ", what, " must be a CPU tensor");
-  PD_CHECK(t.dtype() == DataType::FLOAT32, op, ": ", what, " must be float32");
-}
+using llm_kernels::check_f32;
+using llm_kernels::rows_of;
 
 std::vector<paddle::Tensor> RmsNorm(const paddle::Tensor& x, const paddle::Tensor& w, const float& eps) {
   const char* op = "llm_rms_norm";

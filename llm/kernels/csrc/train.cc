@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "paddle/extension.h"
+#include "tensor_checks.h"
 #include "pool.h"
 
 using paddle::DataType;
@@ -166,16 +167,8 @@ LLM_CLONES float ce_row(const float* x, int64_t v, int64_t label, float scale, f
   return float(std::log(sum)) + mx - x[label];
 }
 
-int64_t rows_of(const std::vector<int64_t>& shape) {
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) m *= shape[i];
-  return m;
-}
-
-void check_f32(const paddle::Tensor& t, const char* op, const char* what) {
-  PD_CHECK(t.is_cpu(), op, ": ", what, " must be a CPU tensor");
-  PD_CHECK(t.dtype() == DataType::FLOAT32, op, ": ", what, " must be float32");
-}
+using llm_kernels::check_f32;
+using llm_kernels::rows_of;
 
 // Run body(r0, r1) over row ranges on the pool: about 4 chunks per thread, at least `min_rows` rows each.
 template <typename Body>
