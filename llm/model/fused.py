@@ -91,10 +91,54 @@ def _lora_linear(
         or not _plain_cpu_f32(x)
     ):
         return original(x, *args, **kwargs)
+    if (
+        layer.weight.stop_gradient
+        and layer.bias is None
+        and not isinstance(layer.lora_dropout, paddle.nn.Dropout)
+        and paddle.is_grad_enabled()
+    ):
+        return LoRAMatmul.apply(x, layer.weight, layer.lora_A, layer.lora_B, float(layer.scaling))
     out = F.linear(x=x, weight=layer.weight, bias=layer.bias)
     return out + paddle.matmul(
         paddle.matmul(layer.lora_dropout(x), layer.lora_A) * layer.scaling, layer.lora_B
     )
+
+
+class LoRAMatmul(PyLayer):
+    """``x W + ((x A) s) B`` with a frozen ``W``, forward and backward each accumulating into one output
+    (no separate add / scale ops and their gradient nodes)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: paddle.Tensor, weight: paddle.Tensor, a: paddle.Tensor, b: paddle.Tensor, scale: float
+    ):
+        with paddle.no_grad():
+            xa = paddle.matmul(x, a)
+            xa.scale_(scale)
+            out = paddle.matmul(x, weight)
+            out.add_(paddle.matmul(xa, b))
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.scale, ctx.need_dx = scale, not x.stop_gradient  # the first layers' input needs no gradient
+        ctx.frozen = (a.stop_gradient, b.stop_gradient)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dy: paddle.Tensor) -> Any:
+        x, weight, a, b, xa = ctx.saved_tensor()
+        with paddle.no_grad():
+            dxa = paddle.matmul(dy, b, transpose_y=True)  # d(xa) = dy B^T
+            db = paddle.matmul(
+                xa.reshape([-1, xa.shape[-1]]), dy.reshape([-1, dy.shape[-1]]), transpose_x=True
+            )
+            dxa.scale_(ctx.scale)  # d(x A) = s dy B^T
+            da = paddle.matmul(
+                x.reshape([-1, x.shape[-1]]), dxa.reshape([-1, dxa.shape[-1]]), transpose_x=True
+            )
+            dx = None
+            if ctx.need_dx:
+                dx = paddle.matmul(dy, weight, transpose_y=True)
+                dx.add_(paddle.matmul(dxa, a, transpose_y=True))
+        return dx, None, (None if ctx.frozen[0] else da), (None if ctx.frozen[1] else db)
 
 
 def _attention(
