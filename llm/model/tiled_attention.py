@@ -61,11 +61,6 @@ def plan_for(mask: paddle.Tensor, position_ids: paddle.Tensor) -> list[list[Tile
     return _cache["plan"]
 
 
-def release() -> None:
-    """Drop the cached mask (the last forward's)."""
-    _cache.update(mask=None, positions=None, plan=None)
-
-
 def full_attention(
     ops: Any,
     query: paddle.Tensor,
