@@ -52,7 +52,7 @@ faster of the two measured 2048^3 fp32 matmul rates (paddle, torch; 2 threads, b
 end).
 
 Targets: toolkit tokens/s >= 1.2x transformers (lora, sft, both shapes); toolkit peak RSS <= 1.0x transformers;
-zero-padding effective tokens/s >= 1.5x padded. Writes ``training.json`` / ``training.md`` into ``--out`` and
+zero-padding effective tokens/s >= 1.5x padded (checks, targets and table: ``training_report.py``). Writes ``training.json`` / ``training.md`` into ``--out`` and
 prints the table.
 """
 
@@ -70,6 +70,7 @@ from pathlib import Path
 
 import bench_generation as bg  # shared geometry and weights (benchmarks/ is the script's own dir)
 import numpy as np
+from training_report import LOSS_TOL, checks_and_targets, table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -82,7 +83,6 @@ LORA_RANK, LORA_ALPHA = 8, 16
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED, LR, BETAS, EPS = 42, 1e-4, (0.9, 0.999), 1e-8
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-LOSS_TOL = 1e-4
 
 
 def _status_mb(field: str) -> float:
@@ -446,77 +446,6 @@ def best(runs: list[dict]) -> dict:
     """The fastest successful run (or the first failure)."""
     ok = [r for r in runs if "error" not in r]
     return min(ok, key=lambda r: r["step_s"]) if ok else runs[0]
-
-
-def checks_and_targets(results: dict) -> tuple[dict, dict]:
-    checks, goals = {}, {}
-    for name, rows in results.items():
-        ours, hf = rows.get("toolkit"), rows.get("transformers")
-        if ours and hf and "error" not in ours and "error" not in hf:
-            diff = abs(ours["first_loss"] - hf["first_loss"])
-            checks[name] = {
-                "loss_toolkit": ours["first_loss"],
-                "loss_transformers": hf["first_loss"],
-                "abs_diff": diff,
-                "loss_match": diff <= LOSS_TOL,
-            }
-            if name.split()[0] in ("lora", "sft"):
-                ratio = ours["tokens_per_s"] / hf["tokens_per_s"]
-                goals[f"{name}: toolkit tokens/s >= 1.2x transformers"] = {
-                    "value": ratio,
-                    "met": ratio >= 1.2,
-                }
-            ratio = ours["peak_mb"] / hf["peak_mb"]
-            goals[f"{name}: toolkit peak RSS <= 1.0x transformers"] = {"value": ratio, "met": ratio <= 1.0}
-        if "step_s" in rows.get("packed", {}) and "step_s" in rows.get("padded", {}):
-            ratio = rows["packed"]["tokens_per_s"] / rows["padded"]["tokens_per_s"]
-            goals[f"{name}: zero_padding effective tokens/s >= 1.5x padded"] = {
-                "value": ratio,
-                "met": ratio >= 1.5,
-            }
-    return checks, goals
-
-
-def table(results: dict, checks: dict, peak_gflops: float) -> str:
-    heads = [
-        "case",
-        "B x SEQ",
-        "system",
-        "step (s)",
-        "tokens/s (x transformers)",
-        "peak RSS MB (x transformers)",
-    ]
-    heads += ["first loss", f"model GFLOP/s (share of {peak_gflops:.0f} matmul peak)"]
-    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
-    for name, rows in results.items():
-        case, shape = name.split()
-        ref = rows.get("transformers") or rows.get("padded")
-        ref = None if ref is None or "error" in ref else ref
-        for system, r in rows.items():
-            if system.startswith("_"):
-                continue
-            label = system
-            if case == "zero_padding":
-                label = f"toolkit {system} (zero_padding {str(system == 'packed').lower()})"
-            if "error" in r:
-                reason = r["error"].strip().splitlines()[-1][:80]
-                lines.append(f"| {case} | {shape} | {label} | failed: {reason} |" + " |" * (len(heads) - 4))
-                continue
-            speed = "" if ref is None or r is ref else f" ({r['tokens_per_s'] / ref['tokens_per_s']:.2f}x)"
-            rss = "" if ref is None or r is ref else f" ({r['peak_mb'] / ref['peak_mb']:.2f}x)"
-            loss = f"{r['first_loss']:.6f}"
-            if system == "toolkit" and name in checks:
-                c = checks[name]
-                loss += f" (diff {c['abs_diff']:.1e}, {'match' if c['loss_match'] else 'MISMATCH'})"
-            flops = "-"
-            if "achieved_gflops" in r:
-                flops = f"{r['achieved_gflops']:.1f} ({r['achieved_gflops'] / peak_gflops:.0%})"
-            tps = f"{r['tokens_per_s']:.0f}" + (" non-pad" if case == "zero_padding" else "")
-            lines.append(
-                f"| {case} | {shape} | {label} | {r['step_s']:.2f} | {tps}{speed} | {r['peak_mb']:.0f}{rss} | "
-                f"{loss} | {flops} |"
-            )
-    return "\n".join(lines)
 
 
 def main() -> None:
